@@ -1,0 +1,347 @@
+"""
+A recurrent-depth ("latent reasoning") language model, in one file.
+
+Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
+Approach" (arXiv 2502.05171); the official model is `recpre/raven_modeling_minimal.py` in
+seal-rg/recurrent-pretraining. Read top to bottom: norm -> attention -> MLP -> sandwich block ->
+KV cache -> config -> model. The one new idea compared with nanoGPT is the loop in
+`RecurrentDepthLM.iterate`:
+
+    ids -> wte*sqrt(h) -> prelude -> e ---------------------------.  (e is re-injected every step)
+                                                                    v
+    s0 ~ noise -> [ adapter(cat[s, e]) -> core blocks ] x r -> ln_f -> coda -> ln_f -> lm_head
+
+Deliberate differences from Huginn-0125 (3.5B) are sizes (tiny defaults), a character vocabulary,
+and the `init` switch (see GPTConfig.init): each is commented where it happens.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back (as Huginn), then scaled by a weight (init 1)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def precompute_rope(head_dim, max_len, base):
+    """cos/sin tables for rotary embeddings, each (max_len, head_dim // 2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, nh, T, hs) by the angles in cos/sin (T, hs/2)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs/2, 2)
+    return rotated.flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Fused Wqkv (no bias); a learned bias on q and k added before RoPE; causal SDPA."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.Wqkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.qk_bias = nn.Parameter(torch.zeros(2, 1, config.n_head, 1, self.head_dim))  # init 0
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None, cache_key=None, mask=None):
+        B, T, C = x.size()
+        q, k, v = self.Wqkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q = apply_rope(q + self.qk_bias[0], cos, sin)
+        k = apply_rope(k + self.qk_bias[1], cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(cache_key, k, v)  # (B, nh, T_past + T, hs)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: one fc to 2*I (gate and up), silu(gate) * up, proj back to h."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.fc(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.proj(F.silu(gate) * up)
+
+
+class SandwichBlock(nn.Module):
+    """Four norms: the residual stream is re-normalised after every sub-layer, which is what keeps
+    a state that is looped r times from growing without bound."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.norm_3 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+        self.norm_4 = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache=None, cache_key=None, mask=None):
+        x = self.norm_2(x + self.attn(self.norm_1(x), cos, sin, kv_cache, cache_key, mask))
+        x = self.norm_4(x + self.mlp(self.norm_3(x)))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# KV cache: one entry per (stage, step, layer)
+
+
+class KVCache:
+    """Keys and values of past tokens, one entry per key: ("prelude", j), ("coda", j) and, for the
+    recurrent core, ("core", step, j) -- every (step, core layer) pair sees different states, so
+    the full cache grows with r. A token at step i reads the step-i keys of earlier tokens."""
+
+    def __init__(self):
+        self.entries = {}
+        self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
+
+    def update(self, key, k, v):
+        """Append k, v (B, nh, T, hs) under `key`; return all keys/values stored there."""
+        if key in self.entries:
+            past_k, past_v = self.entries[key]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.entries[key] = (k, v)
+        return k, v
+
+    def nbytes(self):
+        return sum(k.nbytes + v.nbytes for k, v in self.entries.values())
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 16  # character vocabulary of the toy corpus (Huginn: 65536 BPE tokens)
+    block_size: int = 128  # longest sequence (RoPE table size)
+    n_embd: int = 64  # h (Huginn: 5280)
+    n_head: int = 4  # heads of size h / n_head (Huginn: 55 x 96)
+    intermediate_size: int = 128  # SwiGLU inner size I (Huginn: 17920)
+    n_layers_in_prelude: int = 1  # P (Huginn: 2)
+    n_layers_in_recurrent_block: int = 2  # R, the core looped r times (Huginn: 4)
+    n_layers_in_coda: int = 1  # C (Huginn: 2)
+    mean_recurrence: int = 4  # mean r of training; also r at eval (Huginn: 32)
+    mean_backprop_depth: int = 2  # k: steps with gradient (Huginn: 8)
+    rope_base: float = 50000.0
+    norm_eps: float = 1e-6
+    init_scale: float = 1.0  # scale of the random initial state s0; 0 gives s0 = 0
+    # "takase" is Huginn's init (std sqrt(2/5h), smaller output projections). "normal" is
+    # N(0, 0.02) as in nanoGPT: measured at this tiny scale to break the lookup plateau sooner
+    # (see SPEC section 5 and the README's training log).
+    init: str = "takase"
+
+    @property
+    def effective_layers(self):
+        """L_eff = P + C + R * mean_r: the depth the takase init scales output projections by."""
+        return (self.n_layers_in_prelude + self.n_layers_in_coda
+                + self.n_layers_in_recurrent_block * self.mean_recurrence)
+
+
+class RecurrentDepthLM(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.init not in ("takase", "normal"):
+            raise ValueError(f"init must be 'takase' or 'normal', got {config.init!r}")
+        self.config = config
+        h = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, h)
+        self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_in_prelude))
+        # input injection: s = W [s; e], state first. No norm: s and e both come out of a norm.
+        self.adapter = nn.Linear(2 * h, h, bias=False)
+        self.core = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_in_recurrent_block))
+        self.coda = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_in_coda))
+        self.ln_f = RMSNorm(h, config.norm_eps)
+        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings
+        cos, sin = precompute_rope(h // config.n_head, config.block_size, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Spike-No-More: the output projections that write into the residual stream start small,
+        # scaled by the unrolled depth, so a deep unrolled loop starts close to the identity.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                std = self.init_std / math.sqrt(2 * config.effective_layers)
+                nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+
+    @property
+    def init_std(self):
+        if self.config.init == "takase":
+            return math.sqrt(2 / (5 * self.config.n_embd))
+        return 0.02
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = self.init_std
+            nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+
+    def num_params(self):
+        """Unique parameters (the tied lm_head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def effective_depth(self, num_steps):
+        """Layers of compute at r steps: P + R*r + C (the same weights, unrolled)."""
+        c = self.config
+        return c.n_layers_in_prelude + c.n_layers_in_recurrent_block * num_steps + c.n_layers_in_coda
+
+    # --- the recurrence -------------------------------------------------------------------
+
+    def initialize_state(self, e, init_scale=None):
+        """s0 (B, T, h): truncated normal (+-3 sigma) with sigma = sqrt(2/5) * init_scale, fresh
+        noise every call ("like-init": Huginn's sqrt(2/(5h)) * sqrt(h)); init_scale=0 gives zeros."""
+        scale = self.config.init_scale if init_scale is None else init_scale
+        if scale == 0:
+            return torch.zeros_like(e)
+        std = math.sqrt(2 / 5) * scale
+        return nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std)
+
+    def sample_num_steps(self, generator=None):
+        """Training step counts (n, k): n steps without gradient, then k with (SPEC section 2).
+        rate ~ LogNormal(ln(mean_r) - sigma^2/2, sigma) has mean mean_r; p = Poisson(rate) + 1
+        so E[n + k] = mean_r + 1 (as in the official code); k = min(p, mean_backprop_depth)."""
+        mean_r, k = self.config.mean_recurrence, self.config.mean_backprop_depth
+        sigma = 0.5
+        mu = math.log(mean_r) - sigma ** 2 / 2
+        rate = torch.exp(mu + sigma * torch.randn((), generator=generator))
+        p = int(torch.poisson(rate, generator=generator).item()) + 1
+        return max(p - k, 0), min(p, k)
+
+    def core_step(self, s, e, cos, sin, step, kv_cache=None, mask=None):
+        """One recurrent step: inject e through the adapter, then the R core blocks. s, e: (B, T, h)."""
+        s = self.adapter(torch.cat([s, e], dim=-1))  # (B, T, 2h) -> (B, T, h)
+        for j, block in enumerate(self.core):
+            s = block(s, cos, sin, kv_cache, ("core", step, j), mask)
+        return s
+
+    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None):
+        """Run the core num_steps = (n, k) times from a fresh s0: n steps without gradient
+        (truncated backprop), then k with gradient. e gets gradient at every grad step."""
+        n_no_grad, n_grad = num_steps
+        s = self.initialize_state(e, init_scale)
+        with torch.no_grad():
+            for step in range(n_no_grad):
+                s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
+        for step in range(n_no_grad, n_no_grad + n_grad):
+            s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
+        return s
+
+    # --- the three stages -----------------------------------------------------------------
+
+    def _resolve_num_steps(self, num_steps):
+        """num_steps: None (training: sampled; eval: mean_r, no grad), an int r, or a pair (n, k)."""
+        if num_steps is None:
+            if self.training:
+                return self.sample_num_steps()
+            return (self.config.mean_recurrence, 0)
+        if isinstance(num_steps, int):
+            if num_steps < 1:
+                raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+            return (0, num_steps) if torch.is_grad_enabled() else (num_steps, 0)
+        n, k = num_steps
+        if n < 0 or k < 0 or n + k < 1:
+            raise ValueError(f"num_steps (n, k) must be non-negative with n + k >= 1, got {num_steps}")
+        return int(n), int(k)
+
+    def embed(self, idx, cos, sin, kv_cache=None, mask=None):
+        """Token ids (B, T) -> e (B, T, h): embedding scaled by sqrt(h), then the prelude."""
+        x = self.wte(idx) * math.sqrt(self.config.n_embd)
+        for j, block in enumerate(self.prelude):
+            x = block(x, cos, sin, kv_cache, ("prelude", j), mask)
+        return x
+
+    def decode(self, s, cos, sin, kv_cache=None, mask=None):
+        """Final state s (B, T, h) -> logits (B, T, vocab), fp32: ln_f, coda, ln_f, tied head."""
+        x = self.ln_f(s)
+        for j, block in enumerate(self.coda):
+            x = block(x, cos, sin, kv_cache, ("coda", j), mask)
+        return self.lm_head(self.ln_f(x)).float()
+
+    def forward(self, idx, targets=None, num_steps=None, kv_cache=None, init_scale=None):
+        """idx (B, T) -> (logits (B, T, vocab), loss or None). targets (B, T) with -1 = ignored.
+        With a kv_cache, idx holds the tokens that follow the cached ones."""
+        B, T = idx.size()
+        start = kv_cache.seq_len if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        # New tokens attend to all cached tokens and causally among themselves.
+        mask = None
+        if start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        e = self.embed(idx, cos, sin, kv_cache, mask)
+        s = self.iterate(e, self._resolve_num_steps(num_steps), cos, sin, kv_cache, mask, init_scale)
+        logits = self.decode(s, cos, sin, kv_cache, mask)
+        if kv_cache is not None:
+            kv_cache.seq_len += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, num_steps=None, temperature=0.0, top_k=None, stop_token=None):
+        """Complete idx (B, T) with max_new_tokens tokens, each run at num_steps (default mean_r).
+        The prompt is processed once into a KV cache; then one token at a time. temperature=0
+        is greedy. Stops early when every row has produced stop_token."""
+        num_steps = self.config.mean_recurrence if num_steps is None else num_steps
+        kv_cache = KVCache()
+        logits, _ = self(idx, num_steps=num_steps, kv_cache=kv_cache)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            next_logits = logits[:, -1, :]
+            if temperature == 0:
+                next_id = next_logits.argmax(dim=-1, keepdim=True)
+            else:
+                next_logits = next_logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(next_logits, min(top_k, next_logits.size(-1)))
+                    next_logits[next_logits < v[:, [-1]]] = -float("inf")
+                next_id = torch.multinomial(F.softmax(next_logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, next_id], dim=1)
+            if stop_token is not None:
+                done |= next_id.squeeze(1) == stop_token
+                if done.all():
+                    break
+            if idx.size(1) >= self.config.block_size:
+                break
+            logits, _ = self(next_id, num_steps=num_steps, kv_cache=kv_cache)
+        return idx
+
+
