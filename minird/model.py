@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from minird import ops  # the fused C++/CUDA step (csrc/); the code below stays the reference
+
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -165,6 +167,7 @@ class GPTConfig:
     # N(0, 0.02) as in nanoGPT: measured at this tiny scale to break the lookup plateau sooner
     # (see SPEC section 5 and the README's training log).
     init: str = "takase"
+    use_kernels: bool = True  # run iterate on minird.ops when built (MINIRD_KERNELS=0 also turns off)
 
     @property
     def effective_layers(self):
@@ -253,6 +256,8 @@ class RecurrentDepthLM(nn.Module):
     def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None):
         """Run the core num_steps = (n, k) times from a fresh s0: n steps without gradient
         (truncated backprop), then k with gradient. e gets gradient at every grad step."""
+        if self.config.use_kernels and ops.kernels_available(e.device.type):
+            return ops.iterate(self, e, num_steps, cos, sin, kv_cache, mask, init_scale)  # same math, fused
         n_no_grad, n_grad = num_steps
         s = self.initialize_state(e, init_scale)
         with torch.no_grad():

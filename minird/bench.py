@@ -1,0 +1,280 @@
+"""
+Time one recurrent step (adapter + R core blocks) five ways, on every device here:
+
+    python -m minird.bench                 # all devices; --device=cpu or --device=cuda for one
+    python -m minird.bench --device=cpu --threads=1
+
+eager           RecurrentDepthLM.core_step, the pure-PyTorch reference
+torch.compile   the same Python loop under torch.compile (default mode)
+CUDA graph      the eager loop captured once and replayed (CUDA only)
+minird          the fused ops: recurrent_steps (one C++ call for all r steps) at decode,
+                ops.core_step + autograd in training
+minird + graph  the same, captured and replayed (CUDA only)
+
+Cases (SPEC section 4): (a) decode: B=1, one new token after a KV cache of 128 tokens, r=4 steps
+for the token, h=256 and 1024; bf16 on GPU, fp32 on CPU. (b) training: B=64, T=256, h=256,
+forward + backward through 4 steps (on the 2-core CPU, B=8 so that the run ends in minutes).
+All: R=4 core blocks, heads of 64, SwiGLU inner size 4h. Times are us per recurrent step
+(median over repeats on GPU, fastest repeat on CPU, / r), ratios are eager / variant.
+
+The floor is what no implementation can beat: the bytes a step must read (weights, and the KV
+cache at decode) over measured memory bandwidth, or its matrix FLOPs over measured peak FLOP/s.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from minird import ops
+from minird.model import GPTConfig, KVCache, RecurrentDepthLM
+
+R = 4          # core blocks
+STEPS = 4      # recurrent steps timed together (decode: r for one token; training: k grad steps)
+CACHE = 128    # decode: tokens already in the KV cache
+
+
+def bench_config(h):
+    return GPTConfig(vocab_size=256, block_size=512, n_embd=h, n_head=h // 64, intermediate_size=4 * h,
+                     n_layers_in_recurrent_block=R, mean_recurrence=STEPS, use_kernels=False)
+
+
+class ReadOnlyKVCache(KVCache):
+    """Does what KVCache.update does (concatenate past and new keys) without storing the result,
+    so that timing the same decode step many times does not grow the cache."""
+
+    def update(self, key, k, v):
+        past_k, past_v = self.entries[key]
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, min_time=0.5, max_reps=200):
+    """Wall time of fn() in seconds, after warm-up; repeats for about min_time seconds. The median
+    on a GPU; on a CPU the fastest repeat, since the CPU may be shared and other load only ever
+    adds time (on the 2-core dev machines medians moved 5x between runs)."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start < min_time):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) if device == "cuda" else min(times)
+
+
+def cuda_graph(fn):
+    """Capture fn once (after warm-up on a side stream, as torch.cuda.graph wants); return replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def kernels_per_step(fn):
+    """GPU kernels (and copies) that one call of fn launches, per recurrent step, by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()) / STEPS
+
+
+def measure_ceilings(device):
+    """(bytes/s, FLOP/s) measured here: a large copy (read + write) and a large matrix product."""
+    if device == "cuda":
+        n, dtype = 1 << 28, torch.bfloat16
+        size = 8192
+    else:
+        n, dtype = 1 << 24, torch.float32
+        size = 1024
+    a = torch.randn(n, device=device, dtype=dtype)
+    b = torch.empty_like(a)
+    bw = 2 * a.nbytes / median_time(lambda: b.copy_(a), device, min_time=0.2)
+    x = torch.randn(size, size, device=device, dtype=dtype)
+    flops = 2 * size ** 3 / median_time(lambda: x @ x, device, min_time=0.2)
+    return bw, flops
+
+
+# -----------------------------------------------------------------------------
+# the two cases
+
+
+def step_params(model):
+    """Parameters one recurrent step reads: the adapter and the R core blocks."""
+    return model.adapter.weight.numel() + sum(p.numel() for p in model.core.parameters())
+
+
+def decode_case(device, dtype, h):
+    """Variants for decode (one token, KV cache of CACHE tokens), each running STEPS steps."""
+    torch.manual_seed(0)
+    model = RecurrentDepthLM(bench_config(h)).to(device, dtype).eval()
+    W, nh, eps = model.adapter.weight, model.core[0].attn.n_head, model.core[0].norm_1.eps
+    filled = KVCache()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, CACHE), device=device), num_steps=STEPS, kv_cache=filled)
+    cache = ReadOnlyKVCache()
+    cache.entries = filled.entries
+    cos, sin = model.rope_cos[CACHE:CACHE + 1], model.rope_sin[CACHE:CACHE + 1]
+    mask = torch.ones(1, CACHE + 1, dtype=torch.bool, device=device)  # what model.forward passes
+    s = torch.randn(1, 1, h, device=device, dtype=dtype)
+    e = torch.randn(1, 1, h, device=device, dtype=dtype)
+    keys = [("core", step, j) for step in range(STEPS) for j in range(R)]
+    past_k = [cache.entries[key][0] for key in keys]
+    past_v = [cache.entries[key][1] for key in keys]
+    weights = ops.block_weights(model.core)
+
+    def eager_steps(s, e):
+        for step in range(STEPS):
+            s = model.core_step(s, e, cos, sin, step, cache, mask)
+        return s
+
+    def minird_steps(s, e):
+        e_proj = F.linear(e, W[:, h:])
+        return ops.recurrent_steps(s, e_proj, W, weights, cos, sin, past_k, past_v, STEPS, nh, eps)[0]
+
+    compiled = torch.compile(eager_steps)
+    variants = {"eager": lambda: eager_steps(s, e), "torch.compile": lambda: compiled(s, e)}
+    if ops.kernels_available(device):
+        variants["minird"] = lambda: minird_steps(s, e)
+        with torch.no_grad():
+            err = (minird_steps(s, e).float() - eager_steps(s, e).float()).norm() / eager_steps(s, e).float().norm()
+        print(f"  decode h={h}: minird vs eager, relative difference {err.item():.1e}")
+    kv_bytes = 2 * R * (CACHE + 1) * h * s.element_size()
+    floor_bytes = step_params(model) * s.element_size() + kv_bytes
+    floor_flops = 2 * step_params(model) + 4 * R * (CACHE + 1) * h
+    return variants, floor_bytes, floor_flops
+
+
+def train_case(device, dtype, B, T, h):
+    """Variants for training: forward + backward through STEPS steps with gradient."""
+    torch.manual_seed(0)
+    model = RecurrentDepthLM(bench_config(h)).to(device, dtype).train()
+    W = model.adapter.weight
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    s = torch.randn(B, T, h, device=device, dtype=dtype)
+    e = torch.randn(B, T, h, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, T, h, device=device, dtype=dtype)
+
+    def eager_steps(s, e):
+        for step in range(STEPS):
+            s = model.core_step(s, e, cos, sin, step)
+        return s
+
+    def minird_steps(s, e):
+        e_proj = F.linear(e, W[:, h:])
+        for step in range(STEPS):
+            s = ops.core_step(model, s, e_proj, cos, sin, step)
+        return s
+
+    compiled = torch.compile(eager_steps)
+    backward = lambda steps: lambda: steps(s, e).backward(grad)  # noqa: E731
+    variants = {"eager": backward(eager_steps), "torch.compile": backward(compiled)}
+    if ops.kernels_available(device):
+        variants["minird"] = backward(minird_steps)
+    tokens = B * T
+    floor_bytes = step_params(model) * s.element_size()
+    # forward 2 FLOPs per parameter per token, backward twice that; causal attention ~2 B T^2 h per block
+    floor_flops = 3 * (2 * tokens * step_params(model) + 2 * B * T * T * h * R)
+    return variants, floor_bytes, floor_flops
+
+
+def run_device(device):
+    """Measure and print one table; each row is printed as soon as it is measured."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    bw, peak = measure_ceilings(device)
+    train_B = 64 if device == "cuda" else 8
+    cases = [(f"decode h=256 B=1 cache={CACHE}", lambda: decode_case(device, dtype, 256), torch.no_grad),
+             (f"train h=256 B={train_B} T=256 fwd+bwd", lambda: train_case(device, dtype, train_B, 256, 256),
+              torch.enable_grad),
+             (f"decode h=1024 B=1 cache={CACHE}", lambda: decode_case(device, dtype, 1024), torch.no_grad)]
+    columns = ["eager", "torch.compile"] + (["CUDA graph"] if device == "cuda" else []) + ["minird"]
+    columns += ["minird + graph"] if device == "cuda" else []
+    print(f"\n{name}, {dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"measured {bw / 1e9:.0f} GB/s copy, {peak / 1e12:.2f} TFLOP/s matmul")
+    stat = "median" if device == "cuda" else "fastest of the repeats"
+    print(f"us per recurrent step, {stat} (ratio to eager: higher is faster); "
+          "floor = max(bytes / bandwidth, FLOPs / peak)")
+    cells = [f"{'case':<34}"] + [f"{c:>16}" for c in columns] + [f"{'floor (bytes, flops)':>22}"]
+    cells += [f"{'kernels/step':>20}"] if device == "cuda" else []
+    print("| " + " | ".join(cells) + " |")
+    print("|" + "|".join("-" * (len(c) + 2) for c in cells) + "|")
+    for label, make, grad_mode in cases:
+        with grad_mode():
+            variants, floor_bytes, floor_flops = make()
+            if device == "cuda":
+                for graphed, base in (("CUDA graph", "eager"), ("minird + graph", "minird")):
+                    if base in variants:
+                        try:
+                            variants[graphed] = cuda_graph(variants[base])
+                        except Exception as exc:
+                            print(f"  {label} / {graphed}: capture failed: {type(exc).__name__}: {exc}")
+            us = {}
+            for k, fn in variants.items():
+                try:
+                    us[k] = median_time(fn, device) / STEPS * 1e6
+                except Exception as exc:  # a variant that fails is reported, not fatal
+                    print(f"  {label} / {k}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            counts = {}
+            if device == "cuda":  # launches per step, from the profiler: what the time is made of
+                counts = {k: kernels_per_step(variants[k]) for k in ("eager", "minird") if k in variants}
+        t_bytes, t_flops = floor_bytes / bw * 1e6, floor_flops / peak * 1e6
+        cells = [f"{label:<34}"]
+        cells += [f"{us[c]:8.1f} ({us['eager'] / us[c]:4.2f}x)" if c in us and "eager" in us else f"{'n/a':>16}"
+                  for c in columns]
+        cells += [f"{f'{max(t_bytes, t_flops):.1f} ({t_bytes:.1f}, {t_flops:.1f})':>22}"]
+        if device == "cuda":
+            cells += [f"{' -> '.join(f'{n:.0f}' for n in counts.values()):>20}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (default: torch's); 1 is steadier on a CPU shared with other work")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if not ops.BUILT:
+        print("minird._C is not built: the minird columns will be missing")
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    for device in devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            print("no CUDA device: skipping the GPU table")
+            continue
+        if device == "cpu":
+            torch.set_flush_denormal(True)  # SPEC section 5: denormals make CPU elementwise ops ~10x slower
+        run_device(device)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,245 @@
+"""
+The fused recurrent step from Python: loads the C++/CUDA extension minird._C, tells torch how to
+trace its ops (fake tensors, so torch.compile(fullgraph=True) works) and how to differentiate
+them (the backward is made of ops too), and runs RecurrentDepthLM.iterate on them.
+
+The ops (schemas in csrc/ops.cpp; each kernel file says what it fuses and why):
+    add_rmsnorm(x, y, w, w_next)   norm(x + y) * w, and norm of that * w_next, in one pass
+    swiglu(gate_up)                silu(gate) * up
+    qk_bias_rope(qkv, ...)         split heads, add the q/k bias, rotate q and k
+    adapter(s, e_proj, W)          W [s; e] with W_e e computed once per forward, not once per step
+    recurrent_steps(...)           num_steps whole steps (adapter + R blocks) in one C++ call
+
+The plain PyTorch code in minird/model.py is the specification: with the kernels on or off the
+model computes the same function (tests/test_ops.py checks it). Kernels are off when minird._C
+is not built (a one-line warning says so), when MINIRD_KERNELS=0 is set before import, or when
+the model's config has use_kernels=False.
+"""
+
+import logging
+import os
+
+import torch
+from torch.nn import functional as F
+
+try:
+    from minird import _C  # noqa: F401  (loading it registers torch.ops.minird.*)
+    BUILT = True
+except ImportError as exc:
+    BUILT = False
+    # through logging: one line on stderr (a warning would also print the importing source line)
+    logging.getLogger("minird").warning(f"minird: C++/CUDA kernels not built ({exc}); using the pure-PyTorch path")
+
+ENABLED = BUILT and os.environ.get("MINIRD_KERNELS", "1") != "0"
+# Which devices have kernels (a CPU-only build has no CUDA ones). Read once, so that the check
+# inside a torch.compile'd forward is a constant lookup.
+_HAS_KERNELS = {dev: ENABLED and torch._C._dispatch_has_kernel_for_dispatch_key("minird::swiglu", key)
+                for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def kernels_available(device_type):
+    """True when the minird kernels are built, enabled and exist for this device type ('cpu', 'cuda')."""
+    return _HAS_KERNELS.get(device_type, False)
+
+
+# -----------------------------------------------------------------------------
+# the ops, as differentiable Python functions
+
+
+def add_rmsnorm(x, y, weight, weight_next=None, eps=1e-6):
+    """(norm(x + y) * weight, norm(that) * weight_next); y may be None (a plain RMSNorm); the second
+    output is an empty tensor when weight_next is None."""
+    return torch.ops.minird.add_rmsnorm(x, y, weight, weight_next, eps)
+
+
+def swiglu(gate_up):
+    """gate_up (..., 2I) -> silu(gate) * up (..., I)."""
+    return torch.ops.minird.swiglu(gate_up)
+
+
+def qk_bias_rope(qkv, qk_bias, cos, sin, n_head):
+    """qkv (B, T, 3h) -> q, k, v (B, nh, T, hs), contiguous, with q and k biased and rotated."""
+    return torch.ops.minird.qk_bias_rope(qkv, qk_bias, cos, sin, n_head)
+
+
+def adapter(s, e_proj, weight):
+    """W [s; e] for weight W = [W_s W_e] (h, 2h), given e_proj = W_e e."""
+    return torch.ops.minird.adapter(s, e_proj, weight)
+
+
+def recurrent_steps(s, e_proj, adapter_weight, block_weights, cos, sin, past_k, past_v, num_steps, n_head, eps):
+    """num_steps steps in one C++ call (no autograd: for steps run under torch.no_grad)."""
+    return torch.ops.minird.recurrent_steps(s, e_proj, adapter_weight, block_weights, cos, sin, past_k, past_v,
+                                            num_steps, n_head, eps)
+
+
+if BUILT:
+
+    @torch.library.register_fake("minird::add_rmsnorm")
+    def _(x, y, weight, weight_next, eps):
+        return torch.empty_like(x), torch.empty_like(x) if weight_next is not None else x.new_empty(0)
+
+    @torch.library.register_fake("minird::add_rmsnorm_backward")
+    def _(grad_out, grad_next, x, y, weight, weight_next, eps):
+        gwn = torch.empty_like(weight_next) if weight_next is not None else x.new_empty(0)
+        return torch.empty_like(x), torch.empty_like(weight), gwn
+
+    def _add_rmsnorm_setup(ctx, inputs, output):
+        x, y, weight, weight_next, eps = inputs
+        ctx.save_for_backward(x, y, weight, weight_next)
+        ctx.eps = eps
+
+    def _add_rmsnorm_backward(ctx, grad_out, grad_next):
+        x, y, weight, weight_next = ctx.saved_tensors
+        if weight_next is None:
+            grad_next = None
+        else:
+            grad_next = grad_next.contiguous()
+        grad_x, grad_w, grad_wn = torch.ops.minird.add_rmsnorm_backward(
+            grad_out.contiguous(), grad_next, x, y, weight, weight_next, ctx.eps)
+        return (grad_x, grad_x if y is not None else None, grad_w,
+                grad_wn if weight_next is not None else None, None)
+
+    torch.library.register_autograd("minird::add_rmsnorm", _add_rmsnorm_backward, setup_context=_add_rmsnorm_setup)
+
+    @torch.library.register_fake("minird::swiglu")
+    def _(gate_up):
+        return gate_up.new_empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,))
+
+    @torch.library.register_fake("minird::swiglu_backward")
+    def _(grad, gate_up):
+        return torch.empty_like(gate_up)
+
+    def _swiglu_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def _swiglu_backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        return torch.ops.minird.swiglu_backward(grad.contiguous(), gate_up)
+
+    torch.library.register_autograd("minird::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+    @torch.library.register_fake("minird::qk_bias_rope")
+    def _(qkv, qk_bias, cos, sin, n_head):
+        B, T, h3 = qkv.shape
+        shape = (B, n_head, T, h3 // 3 // n_head)
+        return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+    @torch.library.register_fake("minird::qk_bias_rope_backward")
+    def _(grad_q, grad_k, grad_v, cos, sin):
+        B, nh, T, hs = grad_q.shape
+        return grad_q.new_empty(B, T, 3 * nh * hs)
+
+    def _qk_bias_rope_setup(ctx, inputs, output):
+        qkv, qk_bias, cos, sin, n_head = inputs
+        ctx.save_for_backward(cos, sin)
+
+    def _qk_bias_rope_backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        grad_qkv = torch.ops.minird.qk_bias_rope_backward(
+            grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous(), cos, sin)
+        grad_bias = None
+        if ctx.needs_input_grad[1]:  # the bias is added before the rotation: its grad is the q/k grad summed
+            B, nh, T, hs = grad_q.shape
+            grad_bias = grad_qkv[..., :2 * nh * hs].reshape(B * T, 2, nh, hs).sum(0).view(2, 1, nh, 1, hs)
+        return grad_qkv, grad_bias, None, None, None
+
+    torch.library.register_autograd("minird::qk_bias_rope", _qk_bias_rope_backward, setup_context=_qk_bias_rope_setup)
+
+    @torch.library.register_fake("minird::adapter")
+    def _(s, e_proj, weight):
+        return torch.empty_like(s)
+
+    def _adapter_setup(ctx, inputs, output):
+        s, e_proj, weight = inputs
+        ctx.save_for_backward(s if ctx.needs_input_grad[2] else None, weight if ctx.needs_input_grad[0] else None)
+
+    def _adapter_backward(ctx, grad):
+        s, weight = ctx.saved_tensors
+        h = grad.size(-1)
+        grad_s = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_s = grad @ weight[:, :h]
+        if ctx.needs_input_grad[2]:  # only W_s's half: W_e's grad comes through e_proj = F.linear(e, W_e)
+            grad_w = F.pad(grad.reshape(-1, h).t() @ s.reshape(-1, h), (0, h))
+        return grad_s, grad, grad_w
+
+    torch.library.register_autograd("minird::adapter", _adapter_backward, setup_context=_adapter_setup)
+
+    @torch.library.register_fake("minird::recurrent_steps")
+    def _(s, e_proj, adapter_weight, block_weights, cos, sin, past_k, past_v, num_steps, n_head, eps):
+        B, T, h = s.shape
+        new_k = [k.new_empty(B, n_head, k.size(2) + T, h // n_head) for k in past_k]
+        new_v = [v.new_empty(B, n_head, v.size(2) + T, h // n_head) for v in past_v]
+        return torch.empty_like(s), new_k, new_v
+
+
+# -----------------------------------------------------------------------------
+# the recurrence on the kernels: RecurrentDepthLM.iterate / core_step, same arguments, same math
+
+
+def block_weights(core):
+    """The core blocks' tensors in the order recurrent_steps takes them (csrc/ops.cpp, BlockWeight)."""
+    return [w for b in core for w in (b.norm_1.weight, b.attn.Wqkv.weight, b.attn.qk_bias, b.attn.proj.weight,
+                                      b.norm_2.weight, b.norm_3.weight, b.mlp.fc.weight, b.mlp.proj.weight,
+                                      b.norm_4.weight)]
+
+
+def core_step(model, s, e_proj, cos, sin, step, kv_cache=None, mask=None):
+    """One differentiable step on the fused ops: adapter, then the R sandwich blocks, with each
+    residual add + norm fused with the following pre-norm (norm_2 with norm_3, norm_4 with the
+    next block's norm_1). Matches RecurrentDepthLM.core_step given e_proj = W_e e."""
+    core = model.core
+    eps = core[0].norm_1.eps
+    B, T, h = s.shape
+    s = adapter(s, e_proj, model.adapter.weight)
+    x, _ = add_rmsnorm(s, None, core[0].norm_1.weight, None, eps)
+    for j, block in enumerate(core):
+        attn = block.attn
+        q, k, v = qk_bias_rope(F.linear(x, attn.Wqkv.weight), attn.qk_bias, cos, sin, attn.n_head)
+        if kv_cache is not None:
+            k, v = kv_cache.update(("core", step, j), k, v)  # (B, nh, T_past + T, hs)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.linear(y.transpose(1, 2).reshape(B, T, h), attn.proj.weight)
+        s, x = add_rmsnorm(s, y, block.norm_2.weight, block.norm_3.weight, eps)
+        y = F.linear(swiglu(F.linear(x, block.mlp.fc.weight)), block.mlp.proj.weight)
+        next_norm_1 = core[j + 1].norm_1.weight if j + 1 < len(core) else None
+        s, x = add_rmsnorm(s, y, block.norm_4.weight, next_norm_1, eps)
+    return s
+
+
+def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None):
+    """RecurrentDepthLM.iterate on the kernels. The steps without gradient run in one C++ call;
+    the steps with gradient go through core_step's differentiable ops."""
+    n_no_grad, n_grad = num_steps
+    s = model.initialize_state(e, init_scale)
+    h = e.size(-1)
+    e_proj = F.linear(e, model.adapter.weight[:, h:])  # W_e e: once per forward, reused by every step
+    if n_no_grad > 0:
+        with torch.no_grad():
+            s = _steps_in_cpp(model, s, e_proj, cos, sin, 0, n_no_grad, kv_cache)
+    for step in range(n_no_grad, n_no_grad + n_grad):
+        s = core_step(model, s, e_proj, cos, sin, step, kv_cache, mask)
+    return s
+
+
+def _steps_in_cpp(model, s, e_proj, cos, sin, first_step, num_steps, kv_cache):
+    """Steps first_step .. first_step + num_steps - 1 through recurrent_steps, keeping kv_cache."""
+    core = model.core
+    R, n_head, B = len(core), core[0].attn.n_head, s.size(0)
+    keys = [("core", step, j) for step in range(first_step, first_step + num_steps) for j in range(R)]
+    past_k, past_v = [], []
+    if kv_cache is not None:
+        empty = s.new_empty(B, n_head, 0, s.size(-1) // n_head)  # a key's first call: nothing cached yet
+        for key in keys:
+            k, v = kv_cache.entries.get(key, (empty, empty))
+            past_k.append(k)
+            past_v.append(v)
+    s, new_k, new_v = recurrent_steps(s, e_proj, model.adapter.weight, block_weights(core), cos, sin, past_k,
+                                      past_v, num_steps, n_head, core[0].norm_1.eps)
+    for key, k, v in zip(keys, new_k, new_v):  # already past + new: store as KVCache.update would
+        kv_cache.entries[key] = (k, v)
+    return s
