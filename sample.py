@@ -1,0 +1,124 @@
+"""
+Complete prompts with a trained model at a chosen number of recurrent steps, and check the answers.
+
+    python sample.py --steps 8                          # held-out problems of rising difficulty
+    python sample.py --steps 1,4,16,64                  # the same problems, side by side
+    python sample.py --steps 4 --prompt "k5;bk;xb;?x"   # your own program, ending in a query
+
+A prompt is a program of two-character statements (`k5`: k = 5, `bk`: b = k) ending in a query
+`?name`; the model writes the answer digit (greedy) and minird.data.solve says whether it is right.
+"""
+
+import argparse
+import random
+import re
+import sys
+
+import torch
+
+from minird.data import DIGITS, NAMES, CharTokenizer, CorpusConfig, sample_extrapolation_problems, solve
+from minird.model import GPTConfig, RecurrentDepthLM
+from minird.utils import load_checkpoint
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, not argparse's usage block
+        self.exit(2, f"sample.py: {message}\n")
+
+
+def parse_steps(text):
+    """'8' or '1,4,16,64' -> [8] or [1, 4, 16, 64]; every r must be a positive integer."""
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 8 or 1,4,16,64, got {text!r}")
+    return steps
+
+
+parser = Parser(description="Complete and check prompts with a trained minird checkpoint.")
+parser.add_argument("--steps", type=parse_steps, default=None,
+                    help="recurrent steps r at test time: 8, or 1,4,16,64 for a side-by-side table "
+                         "(default: the training mean)")
+parser.add_argument("--ckpt", default="out-tiny/ckpt.pt", help="checkpoint written by train_tiny.py")
+parser.add_argument("--prompt", action="append",
+                    help="a program ending in a query, e.g. 'k5;bk;xb;?x' (repeatable)")
+parser.add_argument("--seed", type=int, default=2025, help="seed of the default problems and of s0")
+
+
+def load_model(path):
+    """The model, tokenizer and corpus settings of a checkpoint; ValueError with a one-line reason
+    if it does not load."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = RecurrentDepthLM(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as err:  # written by another version of minird
+        raise ValueError(f"{path} does not fit this version of minird ({type(err).__name__})") from None
+    return model.eval(), CharTokenizer(ckpt["tokenizer"]), CorpusConfig(**ckpt["corpus"])
+
+
+def default_prompts(corpus, seed):
+    """(prompt, hops) for held-out problems of rising difficulty, every other hop count of
+    training and then two beyond it. Each line looks like a training line; its prompt stops
+    at the query with the chosen hop count."""
+    rng = random.Random(seed)
+    prompts = []
+    for h in list(range(corpus.min_hops, corpus.max_hops + 1, 2)) + [corpus.max_hops + 2]:
+        # one query with h hops and the other queried chains short (the extrapolation sampler)
+        p = sample_extrapolation_problems(rng, 1, corpus, (h, h))[0]
+        prompts.append((p.text[:p.answer_positions[p.hops.index(h)]], h))
+    return prompts
+
+
+# statements such as k5; and bk; then queries, all answered but the last: ?x5?b
+PROMPT = re.compile(f"([{NAMES}][{DIGITS}{NAMES}];)+(\\?[{NAMES}][{DIGITS}])*\\?[{NAMES}]")
+
+
+def expected_answer(prompt, tokenizer, block_size):
+    """The right answer to the prompt's last query; ValueError with a one-line reason for a prompt
+    the model cannot take or that has no answer."""
+    tokenizer.encode(prompt)  # raises on characters outside the vocabulary
+    if len(prompt) > block_size:
+        raise ValueError(f"the prompt has {len(prompt)} characters, the model's context is {block_size}")
+    if not PROMPT.fullmatch(prompt):
+        raise ValueError(f"a prompt is statements such as 'k5;bk;' then a query such as '?b', got {prompt!r}")
+    try:
+        return solve(prompt)[-1]
+    except KeyError as err:
+        raise ValueError(f"{prompt!r} uses {err.args[0]!r} before defining it") from None
+
+
+def main():
+    args = parser.parse_args()
+    try:
+        model, tokenizer, corpus = load_model(args.ckpt)
+        block_size, mean_r = model.config.block_size, model.config.mean_recurrence
+        prompts = [(p, None) for p in args.prompt] if args.prompt else default_prompts(corpus, args.seed)
+        wanted = [expected_answer(p, tokenizer, block_size) for p, _ in prompts]
+    except ValueError as err:
+        sys.exit(f"sample.py: {err}")
+    steps = args.steps or [mean_r]
+    torch.manual_seed(args.seed)  # s0 is noise when the model was trained with init_scale > 0
+
+    print(f"{args.ckpt}: {model.num_params():,} parameters, trained with mean r = {mean_r}, "
+          f"effective depth P + R*r + C = " + ", ".join(f"{model.effective_depth(r)} at r={r}" for r in steps))
+    print(f"{'hops':>4} {'want':>4} | " + " ".join(f"{f'r={r}':<6}" for r in steps) + " | prompt")
+    right = [0] * len(steps)
+    for (prompt, hops), want in zip(prompts, wanted):
+        idx = torch.tensor([tokenizer.encode(prompt)])
+        cells = []
+        for i, r in enumerate(steps):
+            answer = tokenizer.decode(model.generate(idx, max_new_tokens=1, num_steps=r)[0, -1:].tolist())
+            right[i] += answer == want
+            cells.append(f"{repr(answer)[1:-1]} {'ok' if answer == want else 'x'}")  # repr: a newline shows as \n
+        label = "" if hops is None else f"{hops}*" if hops > corpus.max_hops else str(hops)
+        print(f"{label:>4} {want:>4} | " + " ".join(f"{c:<6}" for c in cells) + f" | {prompt}")
+    print(f"{'right':>9} | " + " ".join(f"{f'{n}/{len(prompts)}':<6}" for n in right))
+    if not args.prompt:
+        print(f"hops: lookups past the first one; * = more hops than any training line (max {corpus.max_hops})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The model: shapes, determinism, the step schedule, truncated backprop, the sampler, the KV cache."""
+
+import pytest
+import torch
+
+from minird.model import KVCache, RecurrentDepthLM
+
+
+def make_model(config, seed=0):
+    torch.manual_seed(seed)
+    return RecurrentDepthLM(config)
+
+
+def count_core_steps(model):
+    """Wrap model.core_step to record, for every call, whether its output carries an autograd graph."""
+    calls = []
+    core_step = model.core_step
+
+    def recording_core_step(*args, **kwargs):
+        s = core_step(*args, **kwargs)
+        calls.append(s.grad_fn is not None)
+        return s
+
+    model.core_step = recording_core_step
+    return calls
+
+
+def uses_in_graph(loss, param):
+    """How many autograd nodes take `param` as an input, i.e. how many of its uses in the forward
+    will be differentiated through."""
+    seen, stack, uses = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            uses += child is not None and getattr(child, "variable", None) is param
+            stack.append(child)
+    return uses
+
+
+def test_shapes_and_sizes(tiny_config):
+    c = tiny_config
+    model = make_model(c)
+    idx = torch.randint(0, c.vocab_size, (3, 11))
+    logits, loss = model(idx, targets=idx, num_steps=2)
+    assert logits.shape == (3, 11, c.vocab_size) and logits.dtype == torch.float32
+    assert loss.shape == () and torch.isfinite(loss)
+    assert model(idx)[1] is None
+    # Unique parameters counted by hand: the tied lm_head once; a sandwich block has Wqkv, the
+    # q/k bias, the attention and MLP projections and four norm weights.
+    h, inner = c.n_embd, c.intermediate_size
+    block = 3 * h * h + 2 * h + h * h + 2 * h * inner + inner * h + 4 * h
+    n_blocks = c.n_layers_in_prelude + c.n_layers_in_recurrent_block + c.n_layers_in_coda
+    assert model.num_params() == c.vocab_size * h + n_blocks * block + 2 * h * h + h
+    assert model.effective_depth(10) == c.n_layers_in_prelude + 10 * c.n_layers_in_recurrent_block + c.n_layers_in_coda
+
+
+def test_bad_inputs_raise(tiny_config):
+    model = make_model(tiny_config)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, tiny_config.block_size + 1, dtype=torch.long))
+    for bad in (0, -2, (0, 0), (-1, 2)):
+        with pytest.raises(ValueError, match="num_steps"):
+            model(torch.zeros(1, 4, dtype=torch.long), num_steps=bad)
+
+
+def test_init_scale_zero_is_deterministic(tiny_config):
+    model = make_model(tiny_config).eval()
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    with torch.no_grad():
+        a, b = (model(idx, num_steps=3, init_scale=0)[0] for _ in range(2))
+        noisy_a, noisy_b = (model(idx, num_steps=3, init_scale=1.0)[0] for _ in range(2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(noisy_a, noisy_b)  # s0 is fresh noise on every call otherwise
+
+
+@pytest.mark.parametrize("num_steps, grad, expected", [
+    (5, False, [False] * 5),            # an int without grad: r steps, none in the graph
+    (3, True, [True] * 3),              # an int with grad: every step in the graph
+    ((2, 3), True, [False] * 2 + [True] * 3),  # (n, k): n steps without, then k with gradient
+    ((4, 0), True, [False] * 4),
+])
+def test_num_steps_honoured(tiny_config, num_steps, grad, expected):
+    model = make_model(tiny_config)
+    calls = count_core_steps(model)
+    with torch.set_grad_enabled(grad):
+        model(torch.zeros(1, 5, dtype=torch.long), num_steps=num_steps)
+    assert calls == expected
+
+
+def test_default_num_steps(tiny_config):
+    model = make_model(tiny_config)
+    calls = count_core_steps(model)
+    idx = torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        model.eval()(idx)
+    assert calls == [False] * tiny_config.mean_recurrence  # eval: mean r, no grad
+    model.train()
+    for seed in range(5):  # training: one draw of the sampler per forward
+        torch.manual_seed(seed)
+        n, k = model.sample_num_steps()
+        calls.clear()
+        torch.manual_seed(seed)
+        model(idx)
+        assert calls == [False] * n + [True] * k
+
+
+def test_gradients_reach_every_stage_through_last_k_steps_only(tiny_config):
+    model = make_model(tiny_config)
+    n, k = 3, 2
+    calls = count_core_steps(model)
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    _, loss = model(idx, targets=idx, num_steps=(n, k))
+    # the state after the n no-grad steps has no graph; the k steps after it do
+    assert calls == [False] * n + [True] * k
+    # only the k grad steps' uses of the adapter and of each core weight are in the graph
+    assert uses_in_graph(loss, model.adapter.weight) == k
+    for block in model.core:
+        assert uses_in_graph(loss, block.attn.Wqkv.weight) == k
+        assert uses_in_graph(loss, block.mlp.fc.weight) == k
+    loss.backward()
+    for stage in ("wte", "prelude", "adapter", "core", "coda", "ln_f"):
+        for name, p in getattr(model, stage).named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {stage}.{name}"
+
+
+@pytest.mark.parametrize("mean_r, k", [(4, 2), (32, 8)])
+def test_step_sampler_mean(tiny_config, mean_r, k):
+    tiny_config.mean_recurrence, tiny_config.mean_backprop_depth = mean_r, k
+    model = make_model(tiny_config)
+    gen = torch.Generator().manual_seed(0)
+    draws = [model.sample_num_steps(gen) for _ in range(5000)]
+    for n, kk in draws:
+        assert n >= 0 and 1 <= kk <= k and (n == 0 or kk == k)  # k = min(p, k), n = max(p - k, 0)
+    mean_total = sum(n + kk for n, kk in draws) / len(draws)
+    # rate has mean mean_r and p = Poisson(rate) + 1, so E[n + k] = mean_r + 1 (as the official code)
+    assert abs(mean_total - (mean_r + 1)) < 0.05 * (mean_r + 1)
+    assert len(set(draws)) > 5  # really random, not a constant
+    gen.manual_seed(0)
+    assert [model.sample_num_steps(gen) for _ in range(50)] == draws[:50]  # reproducible from a seed
+
+
+def test_kv_cache_matches_full_forward(tiny_config):
+    c = tiny_config
+    model = make_model(c).eval()
+    idx = torch.randint(0, c.vocab_size, (2, 14))
+    r = 3
+    with torch.no_grad():
+        full, _ = model(idx, num_steps=r, init_scale=0)
+        cache = KVCache()
+        chunks = [model(idx[:, :6], num_steps=r, kv_cache=cache, init_scale=0)[0]]  # the prompt at once
+        for t in range(6, idx.size(1)):  # then one token at a time
+            chunks.append(model(idx[:, t:t + 1], num_steps=r, kv_cache=cache, init_scale=0)[0])
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+    # one cache entry per prelude layer, per (step, core layer) and per coda layer
+    assert len(cache.entries) == c.n_layers_in_prelude + r * c.n_layers_in_recurrent_block + c.n_layers_in_coda
+    assert cache.seq_len == idx.size(1)
+
+
+def test_generate_matches_greedy_full_forward(tiny_config):
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    out = model.generate(prompt, max_new_tokens=10, num_steps=4)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(10):  # no cache: rerun the whole sequence for every new token
+            logits, _ = model(expected, num_steps=4)
+            expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tiny_config):
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        cpu_logits, _ = model(idx, num_steps=4)
+        cuda_logits, _ = model.cuda()(idx.cuda(), num_steps=4)
+    torch.testing.assert_close(cuda_logits.cpu(), cpu_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.generate(idx[:, :4].cuda(), 8, num_steps=4).cpu(),
+                       model.cpu().generate(idx[:, :4], 8, num_steps=4))

@@ -1,0 +1,128 @@
+"""sample.py: its answers are the model's greedy answers at each r, its verdicts are right, and
+bad input is a one-line error."""
+
+import re
+
+import pytest
+import torch
+
+from helpers import assert_one_line_error, reference_answers, run_script
+from minird.data import CharTokenizer
+from minird.model import GPTConfig, RecurrentDepthLM
+from minird.utils import load_checkpoint, save_checkpoint
+
+
+def run_sample(ckpt, *args):
+    return run_script("sample.py", f"--ckpt={ckpt}", *args)
+
+
+def table_rows(stdout):
+    """[(hops label, wanted answer, [(answer, verdict) per r], prompt)] from sample.py's table."""
+    rows = []
+    for line in stdout.splitlines():
+        parts = line.split(" | ")
+        if len(parts) == 3 and parts[0].split() and parts[0].split()[-1] not in ("want", "right"):
+            *hops, want = parts[0].split()
+            rows.append((hops[0] if hops else "", want, re.findall(r"(\S+) (ok|x)\b", parts[1]), parts[2]))
+    return rows
+
+
+def greedy_answer(model, prompt, r):
+    """What the checkpoint's model answers itself, for comparison with what sample.py prints."""
+    idx = torch.tensor([CharTokenizer().encode(prompt)])
+    with torch.no_grad():
+        logits, _ = model(idx, num_steps=r)
+    return CharTokenizer().decode([logits[0, -1].argmax().item()])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run):
+    path = trained_run[0] / "ckpt.pt"
+    ckpt = load_checkpoint(path)
+    model = RecurrentDepthLM(GPTConfig(**ckpt["model_args"])).eval()
+    model.load_state_dict(ckpt["model"])
+    assert model.config.init_scale == 0  # s0 = 0: the answers are deterministic
+    return path, model, ckpt["corpus"]
+
+
+def check_rows(rows, model, steps):
+    """Every printed answer is the model's own at that r, every verdict and wanted answer is right."""
+    for hops, want, cells, prompt in rows:
+        want_ref, hops_ref = reference_answers(prompt + "0")[-1]  # the last query, answer left blank
+        assert want == want_ref and hops.rstrip("*") in ("", str(hops_ref))
+        assert [answer for answer, _ in cells] == [repr(greedy_answer(model, prompt, r))[1:-1] for r in steps]
+        assert [verdict for _, verdict in cells] == ["ok" if answer == want else "x" for answer, _ in cells]
+
+
+def test_default_prompts_side_by_side(checkpoint):
+    path, model, corpus = checkpoint
+    single = run_sample(path, "--steps", "2")
+    table = run_sample(path, "--steps", "1,2,4")
+    assert single.returncode == 0 and table.returncode == 0, single.stderr + table.stderr
+    assert re.search(r"\| r=1 +r=2 +r=4 +\| prompt", table.stdout)
+    rows = table_rows(table.stdout)
+    check_rows(rows, model, [1, 2, 4])
+    check_rows(table_rows(single.stdout), model, [2])
+    assert [row[3] for row in table_rows(single.stdout)] == [row[3] for row in rows]  # the same problems
+    hops = [int(row[0].rstrip("*")) for row in rows]
+    assert len(rows) >= 3 and hops == sorted(set(hops))  # rising difficulty
+    assert hops[-1] > corpus["max_hops"] and rows[-1][0].endswith("*")  # and one beyond training
+    right = re.search(r"right \| (.*)", table.stdout).group(1).split()
+    assert right == [f"{sum(row[2][i][1] == 'ok' for row in rows)}/{len(rows)}" for i in range(3)]
+
+
+def test_own_prompts(checkpoint):
+    path, model, _ = checkpoint
+    result = run_sample(path, "--steps", "1,4", "--prompt", "k5;bk;xb;?x", "--prompt", "a1;b2;cb;?c2?a")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert [(row[1], row[3]) for row in rows] == [("5", "k5;bk;xb;?x"), ("1", "a1;b2;cb;?c2?a")]
+    check_rows(rows, model, [1, 4])
+
+
+def test_default_steps_is_the_training_mean(checkpoint):
+    path, model, _ = checkpoint
+    result = run_sample(path, "--prompt", "k5;bk;?b")
+    assert result.returncode == 0, result.stderr
+    assert f"r={model.config.mean_recurrence} " in result.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--steps", "0"], "positive integers"),
+    (["--steps", "-1"], "positive integers"),
+    (["--steps=-4"], "positive integers"),
+    (["--steps", "abc"], "positive integers"),
+    (["--steps", "1,,4"], "positive integers"),
+    (["--steps", "2.5"], "positive integers"),
+    (["--temperature", "1"], "unrecognized arguments"),
+    (["--prompt", "a3;b#;?b"], "not in the vocabulary"),
+    (["--prompt", "a3;ba;" * 40 + "?b"], "context"),
+    (["--prompt", "a3;ba;"], "query"),
+    (["--prompt", "a3;b;?b"], "statements"),
+    (["--prompt", "a3;?z"], "'z' before defining it"),
+])
+def test_bad_arguments_are_one_line_errors(checkpoint, args, fragment):
+    result = run_sample(checkpoint[0], *args)
+    assert_one_line_error(result, "sample.py:", fragment)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("missing", "no checkpoint at"),
+    ("truncated", "not a readable checkpoint"),
+    ("not minird", "not a minird checkpoint"),
+    ("wrong weights", "does not fit this version of minird"),
+])
+def test_bad_checkpoints_are_one_line_errors(checkpoint, tmp_path, damage, fragment):
+    path = tmp_path / "ckpt.pt"
+    good = checkpoint[0].read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "not minird":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif damage == "wrong weights":
+        ckpt = load_checkpoint(checkpoint[0])
+        save_checkpoint(path, {**ckpt, "model": {"wte.weight": torch.zeros(3)}})
+    result = run_sample(path, "--steps", "2")
+    assert_one_line_error(result, "sample.py:", fragment)
+    assert result.stdout == ""
