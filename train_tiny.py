@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,8 @@ n_layers_in_coda = 1
 mean_recurrence = 4
 mean_backprop_depth = 2
 init = "normal"
+scale_embedding = False
+token_shift = True
 init_scale = 0.0
 block_size = 96
 # corpus (see minird/data.py CorpusConfig)
@@ -49,6 +51,7 @@ n_distractors = 1
 max_hops = 6
 max_distractor_hops = 3
 extrapolation_hops = "7-10"  # held-out difficulties beyond training
+dense_targets = True  # also train every statement's value slot on its root (minird/data.py)
 # curriculum: train on hops <= current max, raised by one when the running answer accuracy on
 # the current max reaches the threshold (gated on accuracy, not on time: SPEC section 5)
 curriculum = True
@@ -56,9 +59,9 @@ curriculum_start = 1
 curriculum_threshold = 0.8
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 batch_size = 32
-max_iters = 6000
-learning_rate = 3e-3
-min_lr = 3e-4
+max_iters = 5000
+learning_rate = 1e-3
+min_lr = 1e-4
 warmup_iters = 100
 weight_decay = 0.1
 beta1 = 0.9
@@ -80,18 +83,40 @@ except ConfigError as err:
     sys.exit(f"train_tiny.py: {err}")
 globals().update(settings)
 
+
+def parse_settings():
+    """Check the settings that are strings or ranges now, not after minutes of training."""
+    try:
+        lo, hi = (int(v) for v in extrapolation_hops.split("-"))
+        r_values = [int(v) for v in depth_steps.split(",")]
+    except ValueError:
+        raise ConfigError(f"--extrapolation_hops must look like 7-10 and --depth_steps like 1,2,4 "
+                          f"(got {extrapolation_hops!r}, {depth_steps!r})") from None
+    if not (max_hops < lo <= hi) or min(r_values) < 1:
+        raise ConfigError(f"need max_hops ({max_hops}) < extrapolation_hops ({extrapolation_hops}) "
+                          f"and every depth step >= 1 ({depth_steps})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device} but this torch has no CUDA device")
+    return (lo, hi), r_values
+
+
+try:
+    (extra_lo, extra_hi), depth_r_values = parse_settings()
+except ConfigError as err:
+    sys.exit(f"train_tiny.py: {err}")
+
 # --- system ------------------------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
 else:
-    rank, world_size = 0, 1
+    rank = 0
 master = rank == 0
 if device == "cpu":
     # The takase init's small output projections make denormal floats, which ran ~10x slower
@@ -111,26 +136,32 @@ model_args = dict(vocab_size=tokenizer.vocab_size, block_size=block_size, n_embd
                   intermediate_size=intermediate_size, n_layers_in_prelude=n_layers_in_prelude,
                   n_layers_in_recurrent_block=n_layers_in_recurrent_block, n_layers_in_coda=n_layers_in_coda,
                   mean_recurrence=mean_recurrence, mean_backprop_depth=mean_backprop_depth,
-                  init=init, init_scale=init_scale)
+                  init=init, scale_embedding=scale_embedding, token_shift=token_shift, init_scale=init_scale)
 corpus = CorpusConfig(n_queries=n_queries, n_distractors=n_distractors, max_hops=max_hops,
                       max_distractor_hops=max_distractor_hops)
-extra_lo, extra_hi = (int(v) for v in extrapolation_hops.split("-"))
 iter_num, current_max_hops = 0, (curriculum_start if curriculum else max_hops)
 if resume:
     try:
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location=device)
     except ValueError as err:
         sys.exit(f"train_tiny.py: {err}")
-    model_args = ckpt["model_args"]
+    model_args, corpus = ckpt["model_args"], CorpusConfig(**ckpt["corpus"])
     iter_num, current_max_hops = ckpt["iter_num"], ckpt["current_max_hops"]
+    # new lines for each rank (not a replay of the first batches) and the shared step stream
+    # continued where it stopped, so all ranks stay in lockstep
+    data_rng = random.Random(f"{seed}-{rank}-{iter_num}")
+    steps_rng.set_state(ckpt["steps_rng"])
 model = RecurrentDepthLM(GPTConfig(**model_args)).to(device)
 optimizer = torch.optim.AdamW(
     [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
      {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
     lr=learning_rate, betas=(beta1, beta2))
 if resume:
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as err:
+        sys.exit(f"train_tiny.py: the checkpoint does not fit this model ({str(err).splitlines()[0]})")
 raw_model = model
 if ddp:
     model = DDP(model)
@@ -170,6 +201,7 @@ def checkpoint():
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
         "corpus": asdict(corpus), "tokenizer": tokenizer.chars, "iter_num": iter_num,
         "current_max_hops": current_max_hops, "settings": settings,
+        "steps_rng": steps_rng.get_state(),
     })
 
 
@@ -188,7 +220,7 @@ while iter_num < max_iters:
     for group in optimizer.param_groups:
         group["lr"] = lr
     lines = sample_problems(data_rng, batch_size, CorpusConfig(**{**asdict(corpus), "max_hops": current_max_hops}))
-    x, y, hops = (t.to(device) for t in encode_batch(lines, tokenizer, block_size))
+    x, y, hops = (t.to(device) for t in encode_batch(lines, tokenizer, block_size, dense_targets))
     num_steps = raw_model.sample_num_steps(steps_rng)
     logits, loss = model(x, y, num_steps=num_steps)
     optimizer.zero_grad(set_to_none=True)
@@ -228,7 +260,7 @@ if bar is not None:
 # --- depth scaling -------------------------------------------------------------------
 if master:
     train_time = time.time() - t0
-    r_values = [int(v) for v in depth_steps.split(",")]
+    r_values = depth_r_values
     results = evaluate(r_values)
     print(f"\ntrained {iter_num} iterations in {train_time:.0f} s on {device}")
     print_depth_table(results, r_values)

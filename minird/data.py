@@ -15,12 +15,13 @@ the root of x's chain, and the number of hops from x to its root is the query's 
 hop 0 is a single lookup, hop d needs d + 1 chained lookups.
 
 What keeps the answer from being guessed (SPEC section 5): every chain has its own root digit, so
-the answer is one of the line's roots and a guess is worth 1/n_chains; chains are interleaved at
-random, so neither position nor recency tells which root is whose; each queried chain is asked
-once and some chains are never asked, so the last answer is not given away by elimination.
+the answer is one of the line's roots; chains are interleaved at random, so neither position nor
+recency tells which root is whose; a distractor chain is never asked, so elimination of the roots
+already answered in the line does not give the last answer away. That guess is still worth
+something: with 3 queried chains and 1 distractor it scores (1/4 + 1/3 + 1/2) / 3 = 36%, which is
+the level to beat (docs/TRAINING_LOG.md).
 """
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,8 @@ class Problem:
     text: str  # the whole line, program and answered queries, ending in END
     answer_positions: list  # index in text of each answer digit
     hops: list  # the hop count of each answer, aligned with answer_positions
+    value_slots: list  # index in text of each statement's second character (its value)
+    value_roots: list  # the root digit of the variable each statement defines
 
     @property
     def prompt(self):
@@ -78,11 +81,13 @@ def make_problem(rng, query_hops, n_distractors, max_distractor_hops):
         chains.append(list(zip(chain_names, values)))
     # Interleave: draw the next statement from a random chain; within a chain, order is kept.
     pending = [list(ch) for ch in chains]
-    statements = []
+    text, value_slots, value_roots = "", [], []
     while any(pending):
         c = rng.choice([i for i, p in enumerate(pending) if p])
-        statements.append("".join(pending[c].pop(0)))
-    text = ";".join(statements) + ";"
+        value_slots.append(len(text) + 1)
+        value_roots.append(roots[c])
+        name, value = pending[c].pop(0)
+        text += name + value + ";"
     answer_positions, hops = [], []
     query_order = list(range(len(query_hops)))
     rng.shuffle(query_order)
@@ -91,7 +96,7 @@ def make_problem(rng, query_hops, n_distractors, max_distractor_hops):
         answer_positions.append(len(text))
         hops.append(query_hops[c])
         text += roots[c]
-    return Problem(text + END, answer_positions, hops)
+    return Problem(text + END, answer_positions, hops, value_slots, value_roots)
 
 
 @dataclass
@@ -134,10 +139,17 @@ def solve(text):
     return [env[q[0]] for q in queries]
 
 
-def encode_batch(problems, tokenizer, block_size):
+def encode_batch(problems, tokenizer, block_size, dense_targets=False):
     """Inputs x, targets y and hop counts, each (B, T) long tensors with T the longest line. y is -1 everywhere but at the
     positions whose next character is an answer digit: the loss is on the answers only (the
-    program's own characters are random and carry nothing to learn)."""
+    program's own characters are random and carry nothing to learn). hops marks the answers with
+    their hop count (-1 elsewhere).
+
+    dense_targets: also ask, at every statement's value slot, for the root digit of the variable
+    that statement defines (a blank-filling target: the input text is unchanged). A line then
+    supervises every hop count of every chain, and the target at a depth-d statement is reached
+    by d lookups, each "find the definition of the name at my position" -- the same lookup at
+    every step, which is what the recurrent core can learn once and repeat (README, training log)."""
     encoded = [tokenizer.encode(p.text) for p in problems]
     T = max(len(ids) for ids in encoded) - 1  # pad to the longest line, not to block_size: less work
     if T > block_size:
@@ -147,6 +159,9 @@ def encode_batch(problems, tokenizer, block_size):
     hops = torch.full((len(problems), T), -1, dtype=torch.long)
     for b, (p, ids) in enumerate(zip(problems, encoded)):
         x[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+        if dense_targets:
+            for pos, root in zip(p.value_slots, p.value_roots):
+                y[b, pos] = tokenizer.stoi[root]
         for pos, h in zip(p.answer_positions, p.hops):
             y[b, pos - 1] = ids[pos]  # predicting text[pos] from position pos - 1
             hops[b, pos - 1] = h

@@ -12,7 +12,9 @@ KV cache -> config -> model. The one new idea compared with nanoGPT is the loop 
     s0 ~ noise -> [ adapter(cat[s, e]) -> core blocks ] x r -> ln_f -> coda -> ln_f -> lm_head
 
 Deliberate differences from Huginn-0125 (3.5B) are sizes (tiny defaults), a character vocabulary,
-and the `init` switch (see GPTConfig.init): each is commented where it happens.
+and three switches that Huginn's settings can be restored with (`token_shift=False`,
+`scale_embedding=True`, `init="takase"`): measured at this tiny size to decide whether the model
+learns its lookups at all (README, training log). Each is commented where it happens.
 """
 
 import math
@@ -131,6 +133,7 @@ class KVCache:
     def __init__(self):
         self.entries = {}
         self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
+        self.last_embedding = None  # (B, 1, h) embedding of the last stored token, for token_shift
 
     def update(self, key, k, v):
         """Append k, v (B, nh, T, hs) under `key`; return all keys/values stored there."""
@@ -163,10 +166,20 @@ class GPTConfig:
     rope_base: float = 50000.0
     norm_eps: float = 1e-6
     init_scale: float = 1.0  # scale of the random initial state s0; 0 gives s0 = 0
-    # "takase" is Huginn's init (std sqrt(2/5h), smaller output projections). "normal" is
-    # N(0, 0.02) as in nanoGPT: measured at this tiny scale to break the lookup plateau sooner
-    # (see SPEC section 5 and the README's training log).
-    init: str = "takase"
+    # "takase" is Huginn's init: std sqrt(2/5h), output projections further scaled down by the
+    # unrolled depth. "normal" is nanoGPT's N(0, 0.02) for every weight. At this tiny size the
+    # takase init keeps each sub-layer's output so small next to the re-normalised residual
+    # stream that lookups were not learned in 5,000 steps; "normal" learns them in hundreds.
+    init: str = "normal"
+    # Huginn multiplies the embedding by sqrt(h); with the sandwich norms that makes the residual
+    # stream ~sqrt(h) times larger than every sub-layer's first outputs (same effect as above).
+    scale_embedding: bool = False
+    # Add a learned linear map of the previous token's embedding to each token's embedding (a
+    # width-2 causal convolution, as RWKV's token shift). A lookup "find the value of name x"
+    # then needs one attention layer instead of two composed ones (the induction-head plateau).
+    # Not in Huginn, whose prelude has the depth to learn it; measured here: >5,000 steps
+    # without it, ~300 with it (README, training log).
+    token_shift: bool = True
     use_kernels: bool = True  # run iterate on minird.ops when built (MINIRD_KERNELS=0 also turns off)
 
     @property
@@ -185,6 +198,7 @@ class RecurrentDepthLM(nn.Module):
         self.config = config
         h = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, h)
+        self.token_shift = nn.Linear(h, h, bias=False) if config.token_shift else None
         self.prelude = nn.ModuleList(SandwichBlock(config) for _ in range(config.n_layers_in_prelude))
         # input injection: s = W [s; e], state first. No norm: s and e both come out of a norm.
         self.adapter = nn.Linear(2 * h, h, bias=False)
@@ -197,12 +211,13 @@ class RecurrentDepthLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Spike-No-More: the output projections that write into the residual stream start small,
-        # scaled by the unrolled depth, so a deep unrolled loop starts close to the identity.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                std = self.init_std / math.sqrt(2 * config.effective_layers)
-                nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+        if config.init == "takase":
+            # Spike-No-More: the output projections that write into the residual stream start
+            # small, scaled by the unrolled depth, so a deep unrolled loop starts near identity.
+            for name, p in self.named_parameters():
+                if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                    std = self.init_std / math.sqrt(2 * config.effective_layers)
+                    nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
 
     @property
     def init_std(self):
@@ -285,8 +300,17 @@ class RecurrentDepthLM(nn.Module):
         return int(n), int(k)
 
     def embed(self, idx, cos, sin, kv_cache=None, mask=None):
-        """Token ids (B, T) -> e (B, T, h): embedding scaled by sqrt(h), then the prelude."""
-        x = self.wte(idx) * math.sqrt(self.config.n_embd)
+        """Token ids (B, T) -> e (B, T, h): embedding (+ token shift), then the prelude."""
+        x = self.wte(idx)  # (B, T, h)
+        if self.config.scale_embedding:
+            x = x * math.sqrt(self.config.n_embd)
+        if self.token_shift is not None:
+            # the token before the first one is the last cached token, or nothing (zeros)
+            first = kv_cache.last_embedding if kv_cache is not None and kv_cache.last_embedding is not None \
+                else torch.zeros_like(x[:, :1])
+            if kv_cache is not None:
+                kv_cache.last_embedding = x[:, -1:]
+            x = x + self.token_shift(torch.cat([first, x[:, :-1]], dim=1))  # (B, T, h)
         for j, block in enumerate(self.prelude):
             x = block(x, cos, sin, kv_cache, ("prelude", j), mask)
         return x
@@ -329,7 +353,7 @@ class RecurrentDepthLM(nn.Module):
         kv_cache = KVCache()
         logits, _ = self(idx, num_steps=num_steps, kv_cache=kv_cache)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             next_logits = logits[:, -1, :]
             if temperature == 0:
                 next_id = next_logits.argmax(dim=-1, keepdim=True)
@@ -344,8 +368,8 @@ class RecurrentDepthLM(nn.Module):
                 done |= next_id.squeeze(1) == stop_token
                 if done.all():
                     break
-            if idx.size(1) >= self.config.block_size:
-                break
+            if i == max_new_tokens - 1 or idx.size(1) >= self.config.block_size:
+                break  # no forward for logits that would not be used
             logits, _ = self(next_id, num_steps=num_steps, kv_cache=kv_cache)
         return idx
 

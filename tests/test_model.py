@@ -49,11 +49,12 @@ def test_shapes_and_sizes(tiny_config):
     assert loss.shape == () and torch.isfinite(loss)
     assert model(idx)[1] is None
     # Unique parameters counted by hand: the tied lm_head once; a sandwich block has Wqkv, the
-    # q/k bias, the attention and MLP projections and four norm weights.
+    # q/k bias, the attention and MLP projections and four norm weights; the token shift, the
+    # adapter (2h -> h) and ln_f are the rest.
     h, inner = c.n_embd, c.intermediate_size
     block = 3 * h * h + 2 * h + h * h + 2 * h * inner + inner * h + 4 * h
     n_blocks = c.n_layers_in_prelude + c.n_layers_in_recurrent_block + c.n_layers_in_coda
-    assert model.num_params() == c.vocab_size * h + n_blocks * block + 2 * h * h + h
+    assert model.num_params() == c.vocab_size * h + n_blocks * block + h * h + 2 * h * h + h
     assert model.effective_depth(10) == c.n_layers_in_prelude + 10 * c.n_layers_in_recurrent_block + c.n_layers_in_coda
 
 
