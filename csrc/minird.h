@@ -56,6 +56,22 @@ inline void check_add_rmsnorm_args(const char* op, const at::Tensor& x, const c1
   }
 }
 
+// The backward takes the forward's arguments plus the gradients of its one or two outputs.
+inline void check_add_rmsnorm_backward_args(const char* op, const at::Tensor& grad_out,
+                                            const c10::optional<at::Tensor>& grad_next, const at::Tensor& x,
+                                            const c10::optional<at::Tensor>& y, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& weight_next) {
+  check_add_rmsnorm_args(op, x, y, weight, weight_next);
+  check_like(grad_out, op, "grad_out", x);
+  check_shape(grad_out, op, "grad_out", x.sizes());
+  TORCH_CHECK(grad_next.has_value() == weight_next.has_value(), op,
+              ": grad_next must be given exactly when weight_next is");
+  if (grad_next) {
+    check_like(*grad_next, op, "grad_next", x);
+    check_shape(*grad_next, op, "grad_next", x.sizes());
+  }
+}
+
 // qkv (B, T, 3h) -> q, k, v (B, nh, T, hs); qk_bias (2, 1, nh, 1, hs); cos, sin (T, hs/2).
 inline void check_rope_tables(const char* op, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                               int64_t T, int64_t head_dim) {

@@ -97,15 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_backward_cpu(
     const c10::optional<at::Tensor>& y, const at::Tensor& weight, const c10::optional<at::Tensor>& weight_next,
     double eps) {
   const char* op = "add_rmsnorm_backward";
-  check_add_rmsnorm_args(op, x, y, weight, weight_next);
-  check_like(grad_out, op, "grad_out", x);
-  check_shape(grad_out, op, "grad_out", x.sizes());
-  TORCH_CHECK(grad_next.has_value() == weight_next.has_value(), op,
-              ": grad_next must be given exactly when weight_next is");
-  if (grad_next) {
-    check_like(*grad_next, op, "grad_next", x);
-    check_shape(*grad_next, op, "grad_next", x.sizes());
-  }
+  check_add_rmsnorm_backward_args(op, grad_out, grad_next, x, y, weight, weight_next);
   const int64_t h = x.size(-1), rows = x.numel() / h;
   const int nthreads = at::get_num_threads();
   at::Tensor grad_x = at::empty_like(x);
