@@ -149,7 +149,8 @@ def encode_batch(problems, tokenizer, block_size, dense_targets=False):
     that statement defines (a blank-filling target: the input text is unchanged). A line then
     supervises every hop count of every chain, and the target at a depth-d statement is reached
     by d lookups, each "find the definition of the name at my position" -- the same lookup at
-    every step, which is what the recurrent core can learn once and repeat (README, training log)."""
+    every step: the algorithm the recurrent core is meant to learn once and repeat (whether it
+    does is measured in docs/TRAINING_LOG.md)."""
     encoded = [tokenizer.encode(p.text) for p in problems]
     T = max(len(ids) for ids in encoded) - 1  # pad to the longest line, not to block_size: less work
     if T > block_size:
