@@ -12,16 +12,22 @@ namespace minird {
 
 constexpr int kThreads = 256;
 
-// pair index p over (B*T, 3, nh, hs/2) -> its pieces
+// pair index p over (B*T, 3, nh, hs/2) -> its pieces, and where the pair lives in the two layouts
 struct PairIndex {
-  int64_t bt, part, head, i;
-  __device__ PairIndex(int64_t p, int64_t n_head, int64_t half) {
+  int64_t t, part, head, i;
+  int64_t packed;  // offset of the pair's first element in the (B, T, 3h) qkv row layout
+  int64_t split;   // offset of the same pair in the (B, nh, T, hs) layout of q, k, v
+  __device__ PairIndex(int64_t p, int64_t T, int64_t n_head, int64_t half) {
+    const int64_t hs = 2 * half, h = n_head * hs;
     i = p % half;
     p /= half;
     head = p % n_head;
     p /= n_head;
     part = p % 3;
-    bt = p / 3;
+    const int64_t bt = p / 3, b = bt / T;
+    t = bt % T;
+    packed = bt * 3 * h + part * h + head * hs + 2 * i;
+    split = ((b * n_head + head) * T + t) * hs + 2 * i;
   }
 };
 
@@ -31,12 +37,12 @@ __global__ void qk_bias_rope_kernel(const scalar_t* __restrict__ qkv, const scal
                                     scalar_t* __restrict__ q, scalar_t* __restrict__ k, scalar_t* __restrict__ v,
                                     int64_t pairs, int64_t T, int64_t n_head, int64_t half) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hs = 2 * half, h = n_head * hs;
+  const int64_t hs = 2 * half;
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pairs; p += (int64_t)gridDim.x * blockDim.x) {
-    const PairIndex ix(p, n_head, half);
-    const int64_t b = ix.bt / T, t = ix.bt % T;
-    const scalar_t* x = qkv + ix.bt * 3 * h + ix.part * h + ix.head * hs + 2 * ix.i;
-    scalar_t* o = (ix.part == 0 ? q : ix.part == 1 ? k : v) + ((b * n_head + ix.head) * T + t) * hs + 2 * ix.i;
+    const PairIndex ix(p, T, n_head, half);
+    const int64_t t = ix.t;
+    const scalar_t* x = qkv + ix.packed;
+    scalar_t* o = (ix.part == 0 ? q : ix.part == 1 ? k : v) + ix.split;
     if (ix.part == 2) {
       o[0] = x[0];
       o[1] = x[1];
@@ -57,12 +63,11 @@ __global__ void qk_bias_rope_backward_kernel(const scalar_t* __restrict__ gq, co
                                              const scalar_t* __restrict__ sin, scalar_t* __restrict__ grad_qkv,
                                              int64_t pairs, int64_t T, int64_t n_head, int64_t half) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hs = 2 * half, h = n_head * hs;
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pairs; p += (int64_t)gridDim.x * blockDim.x) {
-    const PairIndex ix(p, n_head, half);
-    const int64_t b = ix.bt / T, t = ix.bt % T;
-    const scalar_t* g = (ix.part == 0 ? gq : ix.part == 1 ? gk : gv) + ((b * n_head + ix.head) * T + t) * hs + 2 * ix.i;
-    scalar_t* o = grad_qkv + ix.bt * 3 * h + ix.part * h + ix.head * hs + 2 * ix.i;
+    const PairIndex ix(p, T, n_head, half);
+    const int64_t t = ix.t;
+    const scalar_t* g = (ix.part == 0 ? gq : ix.part == 1 ? gk : gv) + ix.split;
+    scalar_t* o = grad_qkv + ix.packed;
     if (ix.part == 2) {
       o[0] = g[0];
       o[1] = g[1];
