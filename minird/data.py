@@ -58,6 +58,7 @@ class Problem:
     hops: list  # the hop count of each answer, aligned with answer_positions
     value_slots: list  # index in text of each statement's second character (its value)
     value_roots: list  # the root digit of the variable each statement defines
+    value_depths: list  # each statement's depth in its chain (0 for a root): lookups to its root
 
     @property
     def prompt(self):
@@ -81,11 +82,12 @@ def make_problem(rng, query_hops, n_distractors, max_distractor_hops):
         chains.append(list(zip(chain_names, values)))
     # Interleave: draw the next statement from a random chain; within a chain, order is kept.
     pending = [list(ch) for ch in chains]
-    text, value_slots, value_roots = "", [], []
+    text, value_slots, value_roots, value_depths = "", [], [], []
     while any(pending):
         c = rng.choice([i for i, p in enumerate(pending) if p])
         value_slots.append(len(text) + 1)
         value_roots.append(roots[c])
+        value_depths.append(len(chains[c]) - len(pending[c]))
         name, value = pending[c].pop(0)
         text += name + value + ";"
     answer_positions, hops = [], []
@@ -96,7 +98,7 @@ def make_problem(rng, query_hops, n_distractors, max_distractor_hops):
         answer_positions.append(len(text))
         hops.append(query_hops[c])
         text += roots[c]
-    return Problem(text + END, answer_positions, hops, value_slots, value_roots)
+    return Problem(text + END, answer_positions, hops, value_slots, value_roots, value_depths)
 
 
 @dataclass
@@ -140,17 +142,18 @@ def solve(text):
 
 
 def encode_batch(problems, tokenizer, block_size, dense_targets=False):
-    """Inputs x, targets y and hop counts, each (B, T) long tensors with T the longest line. y is -1 everywhere but at the
-    positions whose next character is an answer digit: the loss is on the answers only (the
-    program's own characters are random and carry nothing to learn). hops marks the answers with
-    their hop count (-1 elsewhere).
+    """Inputs x, targets y, hop counts and lookups, each (B, T) long tensors with T the longest line.
+    y is -1 everywhere but at the positions whose next character is an answer digit: the loss is on
+    the answers only (the program's own characters are random and carry nothing to learn). hops
+    marks the answers with their hop count (-1 elsewhere). lookups marks every target with the
+    number of chained lookups that reach it (-1 elsewhere): h + 1 for an answer of h hops.
 
     dense_targets: also ask, at every statement's value slot, for the root digit of the variable
     that statement defines (a blank-filling target: the input text is unchanged). A line then
-    supervises every hop count of every chain, and the target at a depth-d statement is reached
-    by d lookups, each "find the definition of the name at my position" -- the same lookup at
-    every step: the algorithm the recurrent core is meant to learn once and repeat (whether it
-    does is measured in docs/TRAINING_LOG.md)."""
+    supervises every depth of every chain, and the target at a depth-d statement (d lookups) is
+    reached by repeating one step d times: "find the definition of the name at my position and
+    copy what that slot holds by now" -- the algorithm the recurrent core is meant to learn once
+    and repeat (docs/TRAINING_LOG.md measures when it does)."""
     encoded = [tokenizer.encode(p.text) for p in problems]
     T = max(len(ids) for ids in encoded) - 1  # pad to the longest line, not to block_size: less work
     if T > block_size:
@@ -158,12 +161,15 @@ def encode_batch(problems, tokenizer, block_size, dense_targets=False):
     x = torch.full((len(problems), T), tokenizer.stoi[END], dtype=torch.long)
     y = torch.full((len(problems), T), -1, dtype=torch.long)
     hops = torch.full((len(problems), T), -1, dtype=torch.long)
+    lookups = torch.full((len(problems), T), -1, dtype=torch.long)
     for b, (p, ids) in enumerate(zip(problems, encoded)):
         x[b, : len(ids) - 1] = torch.tensor(ids[:-1])
         if dense_targets:
-            for pos, root in zip(p.value_slots, p.value_roots):
+            for pos, root, depth in zip(p.value_slots, p.value_roots, p.value_depths):
                 y[b, pos] = tokenizer.stoi[root]
+                lookups[b, pos] = depth
         for pos, h in zip(p.answer_positions, p.hops):
             y[b, pos - 1] = ids[pos]  # predicting text[pos] from position pos - 1
             hops[b, pos - 1] = h
-    return x, y, hops
+            lookups[b, pos - 1] = h + 1
+    return x, y, hops, lookups

@@ -64,14 +64,16 @@ def test_tokenizer_round_trip_and_unknown_characters():
 def test_encode_batch_targets_only_the_answers():
     tok = CharTokenizer()
     problems = sample_problems(random.Random(0), 8, CorpusConfig())
-    x, y, hops = encode_batch(problems, tok, block_size=128)
-    assert x.shape == y.shape == hops.shape == (8, max(len(p.text) for p in problems) - 1)
+    x, y, hops, lookups = encode_batch(problems, tok, block_size=128)
+    assert x.shape == y.shape == hops.shape == lookups.shape == (8, max(len(p.text) for p in problems) - 1)
     for b, p in enumerate(problems):
         assert tok.decode(x[b, :len(p.text) - 1].tolist()) == p.text[:-1]
         scored = (y[b] >= 0).nonzero().flatten().tolist()
         assert scored == [i - 1 for i in p.answer_positions]  # position i - 1 predicts the answer at i
         assert tok.decode(y[b, scored].tolist()) == "".join(a for a, _ in reference_answers(p.text))
         assert hops[b, scored].tolist() == [h for _, h in reference_answers(p.text)]
+        assert lookups[b, scored].tolist() == [h + 1 for _, h in reference_answers(p.text)]
+    assert ((y >= 0) == (lookups >= 0)).all()
     with pytest.raises(ValueError, match="block_size"):
         encode_batch(problems, tok, block_size=10)
 
@@ -79,10 +81,11 @@ def test_encode_batch_targets_only_the_answers():
 def test_dense_targets_ask_every_statement_for_its_root():
     tok = CharTokenizer()
     problems = sample_problems(random.Random(0), 8, CorpusConfig())
-    x, y, hops = encode_batch(problems, tok, block_size=128, dense_targets=True)
+    x, y, hops, lookups = encode_batch(problems, tok, block_size=128, dense_targets=True)
     for b, p in enumerate(problems):
         for i, stmt in enumerate(re.findall(r"\w\w;", p.text)):
             value_slot = 3 * i + 1
-            root = reference_answers(f"{p.text[:3 * i + 3]}?{stmt[0]}0")[-1][0]
+            root, depth = reference_answers(f"{p.text[:3 * i + 3]}?{stmt[0]}0")[-1]
             assert tok.decode([y[b, value_slot].item()]) == root
+            assert lookups[b, value_slot] == depth  # a statement d hops from its root: d lookups
         assert (hops[b] >= 0).sum() == len(p.answer_positions)  # hops still marks only the answers
