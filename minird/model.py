@@ -11,10 +11,12 @@ KV cache -> config -> model. The one new idea compared with nanoGPT is the loop 
                                                                     v
     s0 ~ noise -> [ adapter(cat[s, e]) -> core blocks ] x r -> ln_f -> coda -> ln_f -> lm_head
 
-Deliberate differences from Huginn-0125 (3.5B) are sizes (tiny defaults), a character vocabulary,
-and three switches that Huginn's settings can be restored with (`token_shift=False`,
-`scale_embedding=True`, `init="takase"`): measured at this tiny size to decide whether the model
-learns its lookups at all (docs/TRAINING_LOG.md). Each is commented where it happens.
+Deliberate differences from Huginn-0125 (3.5B) are sizes (tiny defaults, no prelude or coda
+layers: see GPTConfig), a character vocabulary, two switches that Huginn's settings can be
+restored with (`token_shift=False`, `init="takase"`), and an optional per-step loss in training
+(`forward(..., target_lookups=...)`). Each was measured at this tiny size to decide whether the
+model learns its lookups, and uses its steps, at all (docs/TRAINING_LOG.md); each is commented
+where it happens.
 """
 
 import math
@@ -158,9 +160,13 @@ class GPTConfig:
     n_embd: int = 64  # h (Huginn: 5280)
     n_head: int = 4  # heads of size h / n_head (Huginn: 55 x 96)
     intermediate_size: int = 128  # SwiGLU inner size I (Huginn: 17920)
-    n_layers_in_prelude: int = 1  # P (Huginn: 2)
-    n_layers_in_recurrent_block: int = 2  # R, the core looped r times (Huginn: 4)
-    n_layers_in_coda: int = 1  # C (Huginn: 2)
+    # P = 0, R = 1, C = 0: every layer is in the loop. With a prelude or coda that can attend, the
+    # tiny model learned its first lookups there (one per layer, feed-forward) and never learned
+    # to repeat one in the loop: accuracy was flat in r. With one looped layer, a depth-d answer
+    # can only come from d steps (docs/TRAINING_LOG.md, session 2). Huginn: P=2, R=4, C=2.
+    n_layers_in_prelude: int = 0  # P
+    n_layers_in_recurrent_block: int = 1  # R, the core looped r times
+    n_layers_in_coda: int = 0  # C
     mean_recurrence: int = 4  # mean r of training; also r at eval (Huginn: 32)
     mean_backprop_depth: int = 2  # k: steps with gradient (Huginn: 8)
     rope_base: float = 50000.0
@@ -171,9 +177,13 @@ class GPTConfig:
     # takase init keeps each sub-layer's output so small next to the re-normalised residual
     # stream that lookups were not learned in 5,000 steps; "normal" learns them in hundreds.
     init: str = "normal"
-    # Huginn multiplies the embedding by sqrt(h); with the sandwich norms that makes the residual
-    # stream ~sqrt(h) times larger than every sub-layer's first outputs (same effect as above).
-    scale_embedding: bool = False
+    # Huginn multiplies the embedding by sqrt(h). With no prelude the embedding is the injected
+    # input itself: unscaled, W_e e starts 3.5x smaller than the first attention output (RMS 0.003
+    # vs 0.011 at init), so the re-normalised state is mostly attention output, not token; scaled,
+    # 2x larger. Measured (docs/TRAINING_LOG.md): unscaled, the loop's first lookup stalled at ~50%
+    # for 4,000 steps; scaled, it formed and was then repeated. With a prelude (session 1) the
+    # scale slowed learning instead, because the prelude's norms already set the size.
+    scale_embedding: bool = True
     # Add a learned linear map of the previous token's embedding to each token's embedding (a
     # width-2 causal convolution, as RWKV's token shift). A lookup "find the value of name x"
     # then needs one attention layer instead of two composed ones (the induction-head plateau).
@@ -268,19 +278,22 @@ class RecurrentDepthLM(nn.Module):
             s = block(s, cos, sin, kv_cache, ("core", step, j), mask)
         return s
 
-    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None):
+    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False):
         """Run the core num_steps = (n, k) times from a fresh s0: n steps without gradient
-        (truncated backprop), then k with gradient. e gets gradient at every grad step."""
+        (truncated backprop), then k with gradient. e gets gradient at every grad step.
+        Returns the final state, or with keep_states the list of states after each grad step."""
         if self.config.use_kernels and ops.kernels_available(e.device.type):
-            return ops.iterate(self, e, num_steps, cos, sin, kv_cache, mask, init_scale)  # same math, fused
+            return ops.iterate(self, e, num_steps, cos, sin, kv_cache, mask, init_scale, keep_states)  # same math, fused
         n_no_grad, n_grad = num_steps
         s = self.initialize_state(e, init_scale)
         with torch.no_grad():
             for step in range(n_no_grad):
                 s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
+        states = []
         for step in range(n_no_grad, n_no_grad + n_grad):
             s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
-        return s
+            states.append(s)
+        return states if keep_states else s
 
     # --- the three stages -----------------------------------------------------------------
 
@@ -322,9 +335,10 @@ class RecurrentDepthLM(nn.Module):
             x = block(x, cos, sin, kv_cache, ("coda", j), mask)
         return self.lm_head(self.ln_f(x)).float()
 
-    def forward(self, idx, targets=None, num_steps=None, kv_cache=None, init_scale=None):
+    def forward(self, idx, targets=None, num_steps=None, kv_cache=None, init_scale=None, target_lookups=None):
         """idx (B, T) -> (logits (B, T, vocab), loss or None). targets (B, T) with -1 = ignored.
-        With a kv_cache, idx holds the tokens that follow the cached ones."""
+        With a kv_cache, idx holds the tokens that follow the cached ones. target_lookups (B, T):
+        how many lookups each target needs; given with targets, the loss is the per-step loss below."""
         B, T = idx.size()
         start = kv_cache.seq_len if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -335,7 +349,10 @@ class RecurrentDepthLM(nn.Module):
         if start > 0:
             mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
         e = self.embed(idx, cos, sin, kv_cache, mask)
-        s = self.iterate(e, self._resolve_num_steps(num_steps), cos, sin, kv_cache, mask, init_scale)
+        n, k = self._resolve_num_steps(num_steps)
+        if targets is not None and target_lookups is not None and k > 0 and kv_cache is None:
+            return self._per_step_loss(e, (n, k), cos, sin, targets, target_lookups, init_scale)
+        s = self.iterate(e, (n, k), cos, sin, kv_cache, mask, init_scale)
         logits = self.decode(s, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.seq_len += T
@@ -343,6 +360,25 @@ class RecurrentDepthLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _per_step_loss(self, e, num_steps, cos, sin, targets, target_lookups, init_scale):
+        """Not in Huginn, which supervises only the last step. Decode the state after every step
+        with gradient; at step t ask only for the targets that t lookups reach (target_lookups <= t),
+        and average over those steps. Each step is then told what one more step should resolve, so
+        the core learns one lookup that it repeats, not a different shortcut per depth; and a target
+        is never asked for at a depth where it cannot be known (which teaches guessing). Measured in
+        docs/TRAINING_LOG.md: with the last-step loss alone the same model did not learn to iterate."""
+        n, k = num_steps
+        states = self.iterate(e, num_steps, cos, sin, init_scale=init_scale, keep_states=True)
+        losses = []
+        for t, s in enumerate(states, start=n + 1):
+            logits = self.decode(s, cos, sin)
+            reachable = torch.where(target_lookups <= t, targets, -1)
+            if (reachable >= 0).any():
+                losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), reachable.reshape(-1), ignore_index=-1))
+        if not losses:  # nothing reachable in this few steps: fall back to the last step on every target
+            losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1))
+        return logits, torch.stack(losses).mean()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=0.0, top_k=None, stop_token=None):

@@ -211,7 +211,7 @@ def core_step(model, s, e_proj, cos, sin, step, kv_cache=None, mask=None):
     return s
 
 
-def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None):
+def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False):
     """RecurrentDepthLM.iterate on the kernels. The steps without gradient run in one C++ call;
     the steps with gradient go through core_step's differentiable ops."""
     n_no_grad, n_grad = num_steps
@@ -221,9 +221,11 @@ def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=
     if n_no_grad > 0:
         with torch.no_grad():
             s = _steps_in_cpp(model, s, e_proj, cos, sin, 0, n_no_grad, kv_cache)
+    states = []
     for step in range(n_no_grad, n_no_grad + n_grad):
         s = core_step(model, s, e_proj, cos, sin, step, kv_cache, mask)
-    return s
+        states.append(s)
+    return states if keep_states else s
 
 
 def _steps_in_cpp(model, s, e_proj, cos, sin, first_step, num_steps, kv_cache):

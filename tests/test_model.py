@@ -184,3 +184,32 @@ def test_cuda_matches_cpu(tiny_config):
     torch.testing.assert_close(cuda_logits.cpu(), cpu_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(model.generate(idx[:, :4].cuda(), 8, num_steps=4).cpu(),
                        model.cpu().generate(idx[:, :4], 8, num_steps=4))
+
+
+def test_per_step_loss_asks_each_step_only_for_what_it_can_reach(tiny_config):
+    tiny_config.init_scale = 0.0  # s0 = 0: the same states on every call
+    model = make_model(tiny_config).train()
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    targets = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    lookups = torch.tensor([1, 3] * 9).view(2, 9)  # alternate targets need 1 and 3 lookups
+    far = lookups == 3
+
+    def loss_at(num_steps, t):
+        return model(idx, t, num_steps=num_steps, target_lookups=lookups)[1]
+
+    changed = torch.where(far, (targets + 1) % tiny_config.vocab_size, targets)
+    # steps 1 and 2 cannot reach a 3-lookup target: changing it changes nothing
+    assert torch.equal(loss_at((0, 2), targets), loss_at((0, 2), changed))
+    # steps 2 and 3 can: the last step is asked for it
+    assert not torch.equal(loss_at((1, 2), targets), loss_at((1, 2), changed))
+    # the 1-lookup targets are asked for at every step: the mean of the two steps' losses
+    near_only = torch.where(far, -1, targets)
+    states = model.iterate(model.embed(idx, model.rope_cos[:9], model.rope_sin[:9]), (0, 2),
+                           model.rope_cos[:9], model.rope_sin[:9], keep_states=True)
+    per_step = [torch.nn.functional.cross_entropy(model.decode(s, model.rope_cos[:9], model.rope_sin[:9]).flatten(0, 1),
+                                                  near_only.flatten(), ignore_index=-1) for s in states]
+    assert torch.allclose(loss_at((0, 2), targets), torch.stack(per_step).mean())
+    # nothing reachable at all: the plain last-step loss on every target
+    unreachable = torch.full_like(lookups, 9)
+    plain = model(idx, targets, num_steps=(0, 2))[1]
+    assert torch.equal(model(idx, targets, num_steps=(0, 2), target_lookups=unreachable)[1], plain)

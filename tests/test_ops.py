@@ -262,7 +262,8 @@ def test_model_logits_and_generation(device, dtype):
 
 
 def test_model_training_steps():
-    """A few AdamW steps with sampled (n, k) and noisy s0: the same loss curve, kernels on or off."""
+    """A few AdamW steps with sampled (n, k) and noisy s0, alternating the last-step and the
+    per-step loss: the same loss curve, kernels on or off."""
     model_ref = set_kernels(small_model("cpu", torch.float32), False).train()
     model = set_kernels(copy.deepcopy(model_ref), True)
     losses = {}
@@ -271,9 +272,10 @@ def test_model_training_steps():
         gen = torch.Generator().manual_seed(3)
         torch.manual_seed(4)
         curve = []
-        for _ in range(4):
+        for i in range(4):
             idx = torch.randint(0, 17, (4, 24), generator=gen)
-            _, loss = m(idx[:, :-1], idx[:, 1:])
+            lookups = torch.randint(0, 4, (4, 23), generator=gen) if i % 2 else None
+            _, loss = m(idx[:, :-1], idx[:, 1:], target_lookups=lookups)
             opt.zero_grad()
             loss.backward()
             opt.step()
