@@ -29,19 +29,19 @@ from minird.utils import (ConfigError, accuracy_by_hops, apply_overrides, load_c
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out-tiny"
-eval_interval = 250  # iterations between evaluations (and checkpoints)
+eval_interval = 500  # iterations between evaluations (and checkpoints)
 resume = False  # continue from out_dir/ckpt.pt
 # model (see minird/model.py GPTConfig for what each means)
 n_embd = 64
 n_head = 4
 intermediate_size = 128
-n_layers_in_prelude = 1
-n_layers_in_recurrent_block = 2
-n_layers_in_coda = 1
+n_layers_in_prelude = 0
+n_layers_in_recurrent_block = 1
+n_layers_in_coda = 0
 mean_recurrence = 4
 mean_backprop_depth = 2
 init = "normal"
-scale_embedding = False
+scale_embedding = True
 token_shift = True
 init_scale = 0.0
 block_size = 96
@@ -52,15 +52,17 @@ max_hops = 6
 max_distractor_hops = 3
 extrapolation_hops = "7-10"  # held-out difficulties beyond training
 dense_targets = True  # also train every statement's value slot on its root (minird/data.py)
-# curriculum: train on hops <= current max, raised by one when the running answer accuracy on
-# the current max reaches the threshold (gated on accuracy, not on time: SPEC section 5)
+step_loss = True  # per-step loss: step t is asked for the targets t lookups reach (model.py)
+# curriculum: train on hops <= current max, raised by one when the running accuracy on the targets
+# that need current-max lookups (depth-max statements, answers of max - 1 hops) reaches the
+# threshold (gated on accuracy, not on time: SPEC section 5)
 curriculum = True
 curriculum_start = 1
 curriculum_threshold = 0.8
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 batch_size = 32
-max_iters = 5000
-learning_rate = 1e-3
+max_iters = 6000
+learning_rate = 3e-3
 min_lr = 1e-4
 warmup_iters = 100
 weight_decay = 0.1
@@ -188,7 +190,7 @@ def evaluate(r_values):
     raw_model.eval()
     results = {}
     for name, problems in eval_sets.items():
-        x, y, hops = (t.to(device) for t in encode_batch(problems, tokenizer, block_size))
+        x, y, hops, _ = (t.to(device) for t in encode_batch(problems, tokenizer, block_size))
         results[name] = {r: accuracy_by_hops(raw_model, x, y, hops, r) for r in r_values}
         if name == "extrapolation":  # report only the difficulties never seen in training
             results[name] = {r: {h: a for h, a in acc.items() if h >= extra_lo} for r, acc in results[name].items()}
@@ -220,9 +222,9 @@ while iter_num < max_iters:
     for group in optimizer.param_groups:
         group["lr"] = lr
     lines = sample_problems(data_rng, batch_size, CorpusConfig(**{**asdict(corpus), "max_hops": current_max_hops}))
-    x, y, hops = (t.to(device) for t in encode_batch(lines, tokenizer, block_size, dense_targets))
+    x, y, hops, lookups = (t.to(device) for t in encode_batch(lines, tokenizer, block_size, dense_targets))
     num_steps = raw_model.sample_num_steps(steps_rng)
-    logits, loss = model(x, y, num_steps=num_steps)
+    logits, loss = model(x, y, num_steps=num_steps, target_lookups=lookups if step_loss else None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -231,7 +233,7 @@ while iter_num < max_iters:
     iter_num += 1
 
     with torch.no_grad():  # running accuracy on the current hardest difficulty gates the curriculum
-        hard = (hops == current_max_hops)
+        hard = (lookups == current_max_hops)
         stats = torch.tensor([(logits.argmax(-1)[hard] == y[hard]).sum().item(), hard.sum().item()], dtype=torch.float)
         if ddp:
             dist.all_reduce(stats)

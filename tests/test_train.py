@@ -4,6 +4,7 @@ bad settings are one-line errors."""
 import importlib.util
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -80,3 +81,18 @@ def test_bad_settings_are_one_line_errors(args, fragment):
 def test_resume_without_checkpoint_is_a_one_line_error(tmp_path):
     result = run_script("train_tiny.py", f"--out_dir={tmp_path}", "--resume=True", *TINY_TRAIN)
     assert_one_line_error(result, "no checkpoint at")
+
+
+@pytest.mark.skipif(os.environ.get("MINIRD_SLOW") != "1", reason="the full default run: ~5 min (MINIRD_SLOW=1)")
+def test_default_run_shows_depth_scaling(tmp_path):
+    """The README's claim on the fixed seed, with the default settings: an answer of h hops is
+    wrong with fewer than h + 1 steps and right from there on, also past the training depth."""
+    result = run_script("train_tiny.py", f"--out_dir={tmp_path}", "--progress=False", timeout=1200)
+    assert result.returncode == 0, result.stderr
+    acc = json.loads((tmp_path / "depth_scaling.json").read_text())["results"]
+    ind, ext = acc["in-distribution"], acc["extrapolation"]
+    assert ind["1"]["0"] > 0.9 and max(ind["1"][h] for h in "123456") < 0.4  # r=1: one lookup only
+    assert min(ind["4"][h] for h in "0123") > 0.9 and max(ind["4"][h] for h in "456") < 0.4
+    assert min(ind["8"][h] for h in "0123456") > 0.8
+    assert min(ext["32"][h] for h in ("7", "8", "9", "10")) > 0.7 > max(ext["4"][h] for h in ("7", "8", "9", "10"))
+    assert all(ext["64"][h] >= ext["32"][h] - 0.02 for h in ext["32"])  # no collapse past r=32
