@@ -4,7 +4,7 @@ A recurrent-depth ("latent reasoning") language model, in one file.
 Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
 Approach" (arXiv 2502.05171); the official model is `recpre/raven_modeling_minimal.py` in
 seal-rg/recurrent-pretraining. Read top to bottom: norm -> attention -> MLP -> sandwich block ->
-KV cache -> config -> model. The one new idea compared with nanoGPT is the loop in
+KV cache -> adaptive exit -> config -> model. The one new idea compared with nanoGPT is the loop in
 `RecurrentDepthLM.iterate`:
 
     ids -> wte*sqrt(h) -> prelude -> e ---------------------------.  (e is re-injected every step)
@@ -147,6 +147,51 @@ class KVCache:
 
     def nbytes(self):
         return sum(k.nbytes + v.nbytes for k, v in self.entries.values())
+
+    def read_only(self):
+        """A view whose update returns past + new keys/values without storing the new ones: for
+        decoding a state that is not a token's last (adaptive exit looks at every step's)."""
+        view = KVCache()
+        view.entries, view.seq_len = dict(self.entries), self.seq_len
+        return view
+
+
+# -----------------------------------------------------------------------------
+# adaptive exit: when a token's steps have converged (the official code's `criterion` names)
+
+# exit_threshold="auto" picks these (the official defaults). kl: KL(p_{t-1} || p_t) of the decoded
+# distributions (p_0 uniform); latent-diff: |s_t - s_{t-1}| / |s_t|; entropy-diff: |H(p_t) -
+# H(p_{t-1})|; argmax-stability: steps in a row with the same top token; cosine: 1 - cos(s_t, s_{t-1}).
+EXIT_THRESHOLDS = {"kl": 1e-3, "latent-diff": 0.03, "entropy-diff": 1e-3, "argmax-stability": 5, "cosine": 1e-3}
+
+
+class ExitCriterion:
+    """Tracks, per token, the quantity its criterion compares with the threshold, step by step."""
+
+    def __init__(self, criterion, threshold, shape, vocab_size, device):
+        if criterion not in EXIT_THRESHOLDS:
+            raise ValueError(f"criterion must be one of none, {', '.join(EXIT_THRESHOLDS)}; got {criterion!r}")
+        self.criterion = criterion
+        self.threshold = EXIT_THRESHOLDS[criterion] if threshold == "auto" else float(threshold)
+        self.needs_logits = criterion in ("kl", "entropy-diff", "argmax-stability")
+        self.log_p = torch.full((*shape, vocab_size), -math.log(vocab_size), device=device)  # p_0 uniform
+        self.same_top = torch.zeros(shape, dtype=torch.long, device=device)
+
+    def converged(self, s_prev, s, logits=None):
+        """(B, T) bool: has each token converged at this step?"""
+        if self.criterion == "latent-diff":
+            return (s - s_prev).norm(dim=-1) / s.norm(dim=-1).clamp_min(1e-12) < self.threshold
+        if self.criterion == "cosine":
+            return 1 - F.cosine_similarity(s, s_prev, dim=-1) < self.threshold
+        log_p, log_p_prev = logits.float().log_softmax(-1), self.log_p
+        self.log_p = log_p
+        if self.criterion == "kl":
+            return (log_p_prev.exp() * (log_p_prev - log_p)).sum(-1) < self.threshold
+        if self.criterion == "entropy-diff":
+            entropy = lambda lp: -(lp.exp() * lp).sum(-1)
+            return (entropy(log_p) - entropy(log_p_prev)).abs() < self.threshold
+        self.same_top = torch.where(log_p.argmax(-1) == log_p_prev.argmax(-1), self.same_top + 1, 0)
+        return self.same_top >= self.threshold
 
 
 # -----------------------------------------------------------------------------
@@ -295,6 +340,36 @@ class RecurrentDepthLM(nn.Module):
             states.append(s)
         return states if keep_states else s
 
+    @torch.no_grad()
+    def iterate_adaptive(self, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_cache=None, mask=None):
+        """Up to num_steps steps, with per-token adaptive exit (SPEC section 3): a token whose
+        exit_rule (an ExitCriterion) is met at step >= min_steps keeps its state from then
+        on. Frozen tokens still serve keys and values (from their frozen state) to the others of
+        this forward; once all tokens have stopped the loop ends, and the cache entries of the
+        steps not run repeat each token's last ones ("latest entry"), for later tokens to read.
+        Returns the final state (B, T, h) and the steps each token used (B, T)."""
+        B, T, _ = e.shape
+        s = self.initialize_state(e)
+        used = torch.full((B, T), num_steps, dtype=torch.long, device=e.device)
+        stopped = torch.zeros(B, T, dtype=torch.bool, device=e.device)
+        for step in range(num_steps):
+            s_next = torch.where(stopped[..., None], s, self.core_step(s, e, cos, sin, step, kv_cache, mask))
+            logits = None
+            if exit_rule.needs_logits:  # decode without storing the coda's keys: this may not be the last step
+                logits = self.decode(s_next, cos, sin, kv_cache.read_only() if kv_cache else None, mask)
+            newly = exit_rule.converged(s, s_next, logits) & ~stopped & (step + 1 >= min_steps)
+            used[newly] = step + 1
+            stopped |= newly
+            s = s_next
+            if stopped.all():
+                if kv_cache is not None:
+                    for j in range(len(self.core)):
+                        k, v = kv_cache.entries[("core", step, j)]
+                        for later in range(step + 1, num_steps):
+                            kv_cache.update(("core", later, j), k[:, :, -T:], v[:, :, -T:])
+                break
+        return s, used
+
     # --- the three stages -----------------------------------------------------------------
 
     def _resolve_num_steps(self, num_steps):
@@ -339,15 +414,8 @@ class RecurrentDepthLM(nn.Module):
         """idx (B, T) -> (logits (B, T, vocab), loss or None). targets (B, T) with -1 = ignored.
         With a kv_cache, idx holds the tokens that follow the cached ones. target_lookups (B, T):
         how many lookups each target needs; given with targets, the loss is the per-step loss below."""
-        B, T = idx.size()
-        start = kv_cache.seq_len if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        # New tokens attend to all cached tokens and causally among themselves.
-        mask = None
-        if start > 0:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        T = idx.size(1)
+        cos, sin, mask = self._positions(idx, kv_cache)
         e = self.embed(idx, cos, sin, kv_cache, mask)
         n, k = self._resolve_num_steps(num_steps)
         if targets is not None and target_lookups is not None and k > 0 and kv_cache is None:
@@ -360,6 +428,19 @@ class RecurrentDepthLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _positions(self, idx, kv_cache=None):
+        """RoPE tables and attention mask for idx (B, T), the tokens after those in kv_cache."""
+        T = idx.size(1)
+        start = kv_cache.seq_len if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        # New tokens attend to all cached tokens and causally among themselves.
+        mask = None
+        if start > 0:
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        return cos, sin, mask
 
     def _per_step_loss(self, e, num_steps, cos, sin, targets, target_lookups, init_scale):
         """Not in Huginn, which supervises only the last step. Decode the state after every step
@@ -381,13 +462,40 @@ class RecurrentDepthLM(nn.Module):
         return logits, torch.stack(losses).mean()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, num_steps=None, temperature=0.0, top_k=None, stop_token=None):
+    def trace(self, idx, num_steps):
+        """Watch the model think: the logits (B, T, vocab) decoded from the state after every step
+        1 ... num_steps, as a list (users of the official code asked for intermediate latents).
+        The last entry equals forward(idx, num_steps=num_steps) from the same s0."""
+        cos, sin, _ = self._positions(idx)
+        e = self.embed(idx, cos, sin)
+        return [self.decode(s, cos, sin) for s in self.iterate(e, (0, num_steps), cos, sin, keep_states=True)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, num_steps=None, temperature=0.0, top_k=None, stop_token=None,
+                 criterion="none", exit_threshold="auto", min_steps=1, return_steps=False):
         """Complete idx (B, T) with max_new_tokens tokens, each run at num_steps (default mean_r).
         The prompt is processed once into a KV cache; then one token at a time. temperature=0
-        is greedy. Stops early when every row has produced stop_token."""
+        is greedy. Stops early when every row has produced stop_token.
+        criterion (not "none"): per-token adaptive exit, num_steps is then the cap (iterate_adaptive);
+        With return_steps, also the steps each token fed to the model used (all but the last
+        generated one): (idx, steps (B, idx.size(1) - 1))."""
         num_steps = self.config.mean_recurrence if num_steps is None else num_steps
         kv_cache = KVCache()
-        logits, _ = self(idx, num_steps=num_steps, kv_cache=kv_cache)
+
+        def step_tokens(new_ids):
+            """Logits for new_ids after those in the cache, and the steps each token used."""
+            if criterion == "none":
+                return self(new_ids, num_steps=num_steps, kv_cache=kv_cache)[0], \
+                    torch.full(new_ids.shape, num_steps, device=new_ids.device)
+            cos, sin, mask = self._positions(new_ids, kv_cache)
+            e = self.embed(new_ids, cos, sin, kv_cache, mask)
+            exit_rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, self.config.vocab_size, new_ids.device)
+            s, used = self.iterate_adaptive(e, num_steps, cos, sin, exit_rule, min_steps, kv_cache, mask)
+            logits = self.decode(s, cos, sin, kv_cache, mask)
+            kv_cache.seq_len += new_ids.size(1)
+            return logits, used
+
+        logits, steps = step_tokens(idx)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             next_logits = logits[:, -1, :]
@@ -406,7 +514,6 @@ class RecurrentDepthLM(nn.Module):
                     break
             if i == max_new_tokens - 1 or idx.size(1) >= self.config.block_size:
                 break  # no forward for logits that would not be used
-            logits, _ = self(next_id, num_steps=num_steps, kv_cache=kv_cache)
-        return idx
-
-
+            logits, used = step_tokens(next_id)
+            steps = torch.cat([steps, used], dim=1)
+        return (idx, steps) if return_steps else idx

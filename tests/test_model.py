@@ -213,3 +213,48 @@ def test_per_step_loss_asks_each_step_only_for_what_it_can_reach(tiny_config):
     unreachable = torch.full_like(lookups, 9)
     plain = model(idx, targets, num_steps=(0, 2))[1]
     assert torch.equal(model(idx, targets, num_steps=(0, 2), target_lookups=unreachable)[1], plain)
+
+
+def test_trace_ends_where_forward_ends(tiny_config):
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 7))
+    steps = model.trace(idx, 4)
+    assert len(steps) == 4 and all(s.shape == (2, 7, tiny_config.vocab_size) for s in steps)
+    for r in (1, 4):
+        assert torch.allclose(steps[r - 1], model(idx, num_steps=r)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff", "entropy-diff", "argmax-stability", "cosine"])
+def test_adaptive_exit_never_met_is_fixed_steps(tiny_config, criterion):
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    never = 99 if criterion == "argmax-stability" else 0  # a count of steps / a distance below 0
+    out, steps = model.generate(prompt, 5, num_steps=4, criterion=criterion, exit_threshold=never, return_steps=True)
+    assert torch.equal(out, model.generate(prompt, 5, num_steps=4))
+    assert steps.shape == (2, 6 + 5 - 1) and (steps == 4).all()
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent-diff", "entropy-diff", "argmax-stability", "cosine"])
+def test_adaptive_exit_per_token(tiny_config, criterion):
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    prompts = torch.randint(0, tiny_config.vocab_size, (3, 6))
+    always = 0 if criterion == "argmax-stability" else 1e9  # met at the first step it may be
+    out, steps = model.generate(prompts, 4, num_steps=6, criterion=criterion, exit_threshold=always,
+                                min_steps=2, return_steps=True)
+    assert (steps == 2).all()  # the floor holds, and every token stopped there
+    # with the default thresholds: within [min_steps, cap], and each row as if it were alone
+    out, steps = model.generate(prompts, 4, num_steps=6, criterion=criterion, min_steps=2, return_steps=True)
+    assert ((2 <= steps) & (steps <= 6)).all()
+    for b in range(3):
+        alone, alone_steps = model.generate(prompts[b:b + 1], 4, num_steps=6, criterion=criterion, min_steps=2,
+                                            return_steps=True)
+        assert torch.equal(alone, out[b:b + 1]) and torch.equal(alone_steps, steps[b:b + 1])
+
+
+def test_adaptive_exit_bad_criterion(tiny_config):
+    model = make_model(tiny_config).eval()
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, criterion="entropy")
