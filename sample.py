@@ -4,6 +4,8 @@ Complete prompts with a trained model at a chosen number of recurrent steps, and
     python sample.py --steps 8                          # held-out problems of rising difficulty
     python sample.py --steps 1,4,16,64                  # the same problems, side by side
     python sample.py --steps 4 --prompt "k5;bk;xb;?x"   # your own program, ending in a query
+    python sample.py --steps 8 --trace                  # the answer decoded after every step
+    python sample.py --steps 32 --criterion kl          # adaptive exit: the steps each answer used
 
 A prompt is a program of two-character statements (`k5`: k = 5, `bk`: b = k) ending in a query
 `?name`; the model writes the answer digit (greedy) and minird.data.solve says whether it is right.
@@ -16,9 +18,9 @@ import sys
 
 import torch
 
-from minird.data import DIGITS, NAMES, CharTokenizer, CorpusConfig, sample_extrapolation_problems, solve
-from minird.model import GPTConfig, RecurrentDepthLM
-from minird.utils import load_checkpoint
+from minird.data import DIGITS, NAMES, sample_extrapolation_problems, solve
+from minird.model import EXIT_THRESHOLDS
+from minird.utils import load_model
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,6 +39,25 @@ def parse_steps(text):
     return steps
 
 
+def parse_threshold(text):
+    """'auto' or a non-negative number."""
+    try:
+        if text == "auto" or float(text) >= 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected auto or a non-negative number, got {text!r}")
+
+
+def parse_min_steps(text):
+    try:
+        if int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+
+
 parser = Parser(description="Complete and check prompts with a trained minird checkpoint.")
 parser.add_argument("--steps", type=parse_steps, default=None,
                     help="recurrent steps r at test time: 8, or 1,4,16,64 for a side-by-side table "
@@ -45,18 +66,15 @@ parser.add_argument("--ckpt", default="out-tiny/ckpt.pt", help="checkpoint writt
 parser.add_argument("--prompt", action="append",
                     help="a program ending in a query, e.g. 'k5;bk;xb;?x' (repeatable)")
 parser.add_argument("--seed", type=int, default=2025, help="seed of the default problems and of s0")
-
-
-def load_model(path):
-    """The model, tokenizer and corpus settings of a checkpoint; ValueError with a one-line reason
-    if it does not load."""
-    ckpt = load_checkpoint(path)
-    try:
-        model = RecurrentDepthLM(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as err:  # written by another version of minird
-        raise ValueError(f"{path} does not fit this version of minird ({type(err).__name__})") from None
-    return model.eval(), CharTokenizer(ckpt["tokenizer"]), CorpusConfig(**ckpt["corpus"])
+parser.add_argument("--criterion", default="none", choices=["none", *EXIT_THRESHOLDS],
+                    help="adaptive exit: each token stops when this criterion says it has converged; "
+                         "--steps is then the cap, and the table shows the steps the answer used")
+parser.add_argument("--exit_threshold", type=parse_threshold, default="auto",
+                    help="threshold of --criterion (auto: the official defaults, minird.model.EXIT_THRESHOLDS)")
+parser.add_argument("--min_steps", type=parse_min_steps, default=1, help="adaptive exit: steps every token runs at least")
+parser.add_argument("--trace", action="store_true",
+                    help="also decode the latent state after every step 1..r (r = the largest --steps) "
+                         "and show how the answer and its probability change")
 
 
 def default_prompts(corpus, seed):
@@ -90,6 +108,20 @@ def expected_answer(prompt, tokenizer, block_size):
         raise ValueError(f"{prompt!r} uses {err.args[0]!r} before defining it") from None
 
 
+def print_trace(model, tokenizer, prompt, want, num_steps):
+    """The answer the coda reads from the state after each step, with its probability and the
+    probability of the right answer: a problem of h hops typically flips to right at step h + 1."""
+    idx = torch.tensor([tokenizer.encode(prompt)])
+    probs = [logits[0, -1].softmax(-1) for logits in model.trace(idx, num_steps)]
+    top = [p.argmax().item() for p in probs]
+    cell = "{:>6}".format
+    print(f"\n{prompt}  (want {want})")
+    print(f"  {'step':<10}" + "".join(cell(t) for t in range(1, num_steps + 1)))
+    print(f"  {'answer':<10}" + "".join(cell(repr(tokenizer.decode([i]))[1:-1]) for i in top))
+    print(f"  {'p(answer)':<10}" + "".join(cell(f"{p[i].item():.2f}") for p, i in zip(probs, top)))
+    print(f"  {'p(want)':<10}" + "".join(cell(f"{p[tokenizer.stoi[want]].item():.2f}") for p in probs))
+
+
 def main():
     args = parser.parse_args()
     try:
@@ -104,20 +136,32 @@ def main():
 
     print(f"{args.ckpt}: {model.num_params():,} parameters, trained with mean r = {mean_r}, "
           f"effective depth P + R*r + C = " + ", ".join(f"{model.effective_depth(r)} at r={r}" for r in steps))
-    print(f"{'hops':>4} {'want':>4} | " + " ".join(f"{f'r={r}':<6}" for r in steps) + " | prompt")
+    width = 9 if args.criterion != "none" else 6  # room for the steps used
+    print(f"{'hops':>4} {'want':>4} | " + " ".join(f"{f'r={r}':<{width}}" for r in steps) + " | prompt")
     right = [0] * len(steps)
     for (prompt, hops), want in zip(prompts, wanted):
         idx = torch.tensor([tokenizer.encode(prompt)])
         cells = []
         for i, r in enumerate(steps):
-            answer = tokenizer.decode(model.generate(idx, max_new_tokens=1, num_steps=r)[0, -1:].tolist())
+            out, used = model.generate(idx, max_new_tokens=1, num_steps=r, criterion=args.criterion,
+                                       exit_threshold=args.exit_threshold, min_steps=args.min_steps,
+                                       return_steps=True)
+            answer = tokenizer.decode(out[0, -1:].tolist())
             right[i] += answer == want
-            cells.append(f"{repr(answer)[1:-1]} {'ok' if answer == want else 'x'}")  # repr: a newline shows as \n
+            cells.append(f"{repr(answer)[1:-1]} {'ok' if answer == want else 'x'}"  # repr: a newline shows as \n
+                         + (f" {used[0, -1].item()}" if args.criterion != "none" else ""))
         label = "" if hops is None else f"{hops}*" if hops > corpus.max_hops else str(hops)
-        print(f"{label:>4} {want:>4} | " + " ".join(f"{c:<6}" for c in cells) + f" | {prompt}")
-    print(f"{'right':>9} | " + " ".join(f"{f'{n}/{len(prompts)}':<6}" for n in right))
+        print(f"{label:>4} {want:>4} | " + " ".join(f"{c:<{width}}" for c in cells) + f" | {prompt}")
+    print(f"{'right':>9} | " + " ".join(f"{f'{n}/{len(prompts)}':<{width}}" for n in right))
     if not args.prompt:
         print(f"hops: lookups past the first one; * = more hops than any training line (max {corpus.max_hops})")
+    if args.criterion != "none":
+        print(f"adaptive exit ({args.criterion}, threshold {args.exit_threshold}): r is the cap; "
+              "the number after each verdict is the steps the answer used")
+    if args.trace:
+        for (prompt, _), want in zip(prompts, wanted):
+            torch.manual_seed(args.seed)
+            print_trace(model, tokenizer, prompt, want, max(steps))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Helpers shared by train_tiny.py and sample.py: settings, checkpoints, evaluation, the depth table."""
+"""Helpers shared by train_tiny.py, sample.py and minird.experiments: settings, checkpoints, evaluation,
+the depth table."""
 
 import os
 import tempfile
 
 import torch
+
+from minird.data import CharTokenizer, CorpusConfig
+from minird.model import GPTConfig, RecurrentDepthLM
 
 
 class ConfigError(ValueError):
@@ -61,6 +65,18 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         raise ValueError(f"{path} is not a minird checkpoint (missing {', '.join(missing)})")
     return ckpt
+
+
+def load_model(path):
+    """The model, tokenizer and corpus settings of a checkpoint; ValueError with a one-line reason
+    if it does not load."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = RecurrentDepthLM(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as err:  # written by another version of minird
+        raise ValueError(f"{path} does not fit this version of minird ({type(err).__name__})") from None
+    return model.eval(), CharTokenizer(ckpt["tokenizer"]), CorpusConfig(**ckpt["corpus"])
 
 
 @torch.no_grad()

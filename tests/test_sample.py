@@ -80,6 +80,34 @@ def test_own_prompts(checkpoint):
     check_rows(rows, model, [1, 4])
 
 
+def test_trace_decodes_every_step(checkpoint):
+    path, model, _ = checkpoint
+    prompt = "k5;a2;bk;xb;?x"
+    result = run_sample(path, "--steps", "1,3", "--trace", "--prompt", prompt)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split(f"{prompt}  (want 5)\n")[1].splitlines()
+    assert lines[0].split() == ["step", "1", "2", "3"]  # up to the largest --steps
+    answers, p_answer, p_want = (line.split()[1:] for line in lines[1:4])
+    assert answers == [greedy_answer(model, prompt, r) for r in (1, 2, 3)]  # step t: the model at r = t
+    for top, p_top, p_5 in zip(answers, map(float, p_answer), map(float, p_want)):
+        assert 0 <= p_5 <= p_top <= 1 and (top != "5" or p_5 == p_top)
+
+
+def test_adaptive_exit_shows_the_steps_used(checkpoint):
+    path, model, _ = checkpoint
+    prompt = "k5;a2;bk;xb;?x"
+    result = run_sample(path, "--steps", "3,6", "--criterion", "kl", "--min_steps", "2", "--prompt", prompt)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.endswith(f"| {prompt}"))
+    cells = re.findall(r"(\S+) (ok|x) (\d+)\b", row.split(" | ")[1])
+    assert len(cells) == 2
+    idx = torch.tensor([CharTokenizer().encode(prompt)])
+    for (answer, _, used), cap in zip(cells, (3, 6)):
+        out, steps = model.generate(idx, 1, num_steps=cap, criterion="kl", min_steps=2, return_steps=True)
+        assert answer == CharTokenizer().decode(out[0, -1:].tolist()) and int(used) == steps[0, -1] <= cap
+        assert int(used) >= 2
+
+
 def test_default_steps_is_the_training_mean(checkpoint):
     path, model, _ = checkpoint
     result = run_sample(path, "--prompt", "k5;bk;?b")
@@ -95,6 +123,9 @@ def test_default_steps_is_the_training_mean(checkpoint):
     (["--steps", "1,,4"], "positive integers"),
     (["--steps", "2.5"], "positive integers"),
     (["--temperature", "1"], "unrecognized arguments"),
+    (["--criterion", "entropy"], "invalid choice"),
+    (["--exit_threshold", "-1"], "non-negative number"),
+    (["--min_steps", "0"], "positive integer"),
     (["--prompt", "a3;b#;?b"], "not in the vocabulary"),
     (["--prompt", "a3;ba;" * 40 + "?b"], "context"),
     (["--prompt", "a3;ba;"], "query"),
