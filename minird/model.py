@@ -175,6 +175,7 @@ class ExitCriterion:
         self.threshold = EXIT_THRESHOLDS[criterion] if threshold == "auto" else float(threshold)
         self.needs_logits = criterion in ("kl", "entropy-diff", "argmax-stability")
         self.log_p = torch.full((*shape, vocab_size), -math.log(vocab_size), device=device)  # p_0 uniform
+        self.top = torch.full(shape, -1, dtype=torch.long, device=device)  # no top token before step 1
         self.same_top = torch.zeros(shape, dtype=torch.long, device=device)
 
     def converged(self, s_prev, s, logits=None):
@@ -190,7 +191,9 @@ class ExitCriterion:
         if self.criterion == "entropy-diff":
             entropy = lambda lp: -(lp.exp() * lp).sum(-1)
             return (entropy(log_p) - entropy(log_p_prev)).abs() < self.threshold
-        self.same_top = torch.where(log_p.argmax(-1) == log_p_prev.argmax(-1), self.same_top + 1, 0)
+        top = log_p.argmax(-1)
+        self.same_top = torch.where(top == self.top, self.same_top + 1, 0)
+        self.top = top
         return self.same_top >= self.threshold
 
 
