@@ -48,9 +48,9 @@ block_size = 96
 # corpus (see minird/data.py CorpusConfig)
 n_queries = 3
 n_distractors = 1
-max_hops = 6
+max_hops = 3
 max_distractor_hops = 3
-extrapolation_hops = "7-10"  # held-out difficulties beyond training
+extrapolation_hops = "4-10"  # held-out difficulties beyond training
 dense_targets = True  # also train every statement's value slot on its root (minird/data.py)
 step_loss = True  # per-step loss: step t is asked for the targets t lookups reach (model.py)
 # curriculum: train on hops <= current max, raised by one when the running accuracy on the targets

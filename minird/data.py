@@ -106,7 +106,7 @@ class CorpusConfig:
     n_queries: int = 3  # queried chains per line, each with its own hop count
     n_distractors: int = 1  # chains never queried
     min_hops: int = 0
-    max_hops: int = 6  # hardest training difficulty
+    max_hops: int = 3  # hardest training difficulty (answers need up to max_hops + 1 lookups)
     max_distractor_hops: int = 3
 
 

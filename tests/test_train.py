@@ -89,10 +89,12 @@ def test_default_run_shows_depth_scaling(tmp_path):
     wrong with fewer than h + 1 steps and right from there on, also past the training depth."""
     result = run_script("train_tiny.py", f"--out_dir={tmp_path}", "--progress=False", timeout=1200)
     assert result.returncode == 0, result.stderr
-    acc = json.loads((tmp_path / "depth_scaling.json").read_text())["results"]
-    ind, ext = acc["in-distribution"], acc["extrapolation"]
-    assert ind["1"]["0"] > 0.9 and max(ind["1"][h] for h in "123456") < 0.4  # r=1: one lookup only
-    assert min(ind["4"][h] for h in "0123") > 0.9 and max(ind["4"][h] for h in "456") < 0.4
-    assert min(ind["8"][h] for h in "0123456") > 0.8
-    assert min(ext["32"][h] for h in ("7", "8", "9", "10")) > 0.7 > max(ext["4"][h] for h in ("7", "8", "9", "10"))
-    assert all(ext["64"][h] >= ext["32"][h] - 0.02 for h in ext["32"])  # no collapse past r=32
+    report = json.loads((tmp_path / "depth_scaling.json").read_text())
+    mean_r = report["settings"]["mean_recurrence"]
+    ind, ext = report["results"]["in-distribution"], report["results"]["extrapolation"]
+    for r in (1, mean_r):
+        for h, acc in ind[str(r)].items():  # right when h + 1 <= r steps, near the guess or below when not
+            assert acc > 0.85 if int(h) + 1 <= r else acc < 0.4, (r, h, acc)
+    assert sum(ind[str(mean_r)].values()) / len(ind[str(mean_r)]) >= 0.9  # the issue's bar at r = mean
+    for h, acc in ext["32"].items():  # beyond training: right with enough steps, not with 8
+        assert acc > 0.7 and (int(h) + 1 <= 8 or ext["8"][h] < 0.5) and ext["64"][h] >= acc - 0.02, (h, acc)
