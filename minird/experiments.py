@@ -6,9 +6,9 @@ Test-time compute experiments on the checkpoint that train_tiny.py writes (SPEC 
 
 Each prints a table and saves JSON (and a PNG with matplotlib) next to the checkpoint.
 
-adaptive: every held-out line is run teacher-forced with per-token adaptive exit (each position
-stops when its criterion says it has converged, at most --cap steps), for every criterion at its
-default threshold. Reported per hop count: the mean steps the answer tokens used and their
+adaptive: held-out lines (the training difficulties, then --beyond hop counts past them) run
+teacher-forced with per-token adaptive exit (each position stops when its criterion says it has
+converged, at most --cap steps), for every criterion at its default threshold. Reported per hop count: the mean steps the answer tokens used and their
 accuracy, beside fixed r = cap. The paper's Fig. 10 in miniature: harder problems should stop later.
 """
 
@@ -42,10 +42,10 @@ def steps_and_accuracy(model, x, y, hops, cap, criterion):
             for h in sorted(set(hops[hops >= 0].tolist()))}
 
 
-def adaptive(model, corpus, cap, n_lines, seed):
+def adaptive(model, corpus, cap, n_lines, seed, beyond):
     rng = random.Random(seed)
     lines = sample_problems(rng, n_lines, CorpusConfig(**{**asdict(corpus), "min_hops": 0}))
-    lines += sample_extrapolation_problems(rng, n_lines, corpus, (corpus.max_hops + 1, corpus.max_hops + 4))
+    lines += sample_extrapolation_problems(rng, n_lines, corpus, (corpus.max_hops + 1, corpus.max_hops + beyond))
     x, y, hops, _ = encode_batch(lines, CharTokenizer(), model.config.block_size)
     return {c: steps_and_accuracy(model, x, y, hops, cap, c) for c in ["none", *EXIT_THRESHOLDS]}
 
@@ -85,16 +85,17 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="out-tiny/ckpt.pt")
     parser.add_argument("--cap", type=int, default=32, help="most steps a token may run")
     parser.add_argument("--lines", type=int, default=256, help="held-out lines per set")
+    parser.add_argument("--beyond", type=int, default=7, help="hop counts past training in the second set")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
-    if args.cap < 1 or args.lines < 1:
-        sys.exit("minird.experiments: --cap and --lines must be positive")
+    if min(args.cap, args.lines, args.beyond) < 1:
+        sys.exit("minird.experiments: --cap, --lines and --beyond must be positive")
     try:
         model, _, corpus = load_model(args.ckpt)
     except ValueError as err:
         sys.exit(f"minird.experiments: {err}")
     torch.manual_seed(args.seed)
-    results = adaptive(model, corpus, args.cap, args.lines, args.seed)
+    results = adaptive(model, corpus, args.cap, args.lines, args.seed, args.beyond)
     print_adaptive(results, args.cap)
     out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "adaptive")
     with open(out + ".json", "w") as f:
