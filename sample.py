@@ -50,6 +50,7 @@ def parse_threshold(text):
 
 
 def parse_min_steps(text):
+    """A positive integer."""
     try:
         if int(text) >= 1:
             return int(text)

@@ -359,7 +359,7 @@ class RecurrentDepthLM(nn.Module):
             s_next = torch.where(stopped[..., None], s, self.core_step(s, e, cos, sin, step, kv_cache, mask))
             logits = None
             if exit_rule.needs_logits:  # decode without storing the coda's keys: this may not be the last step
-                logits = self.decode(s_next, cos, sin, kv_cache.read_only() if kv_cache else None, mask)
+                logits = self.decode(s_next, cos, sin, kv_cache.read_only() if kv_cache is not None else None, mask)
             newly = exit_rule.converged(s, s_next, logits) & ~stopped & (step + 1 >= min_steps)
             used[newly] = step + 1
             stopped |= newly
@@ -479,7 +479,7 @@ class RecurrentDepthLM(nn.Module):
         """Complete idx (B, T) with max_new_tokens tokens, each run at num_steps (default mean_r).
         The prompt is processed once into a KV cache; then one token at a time. temperature=0
         is greedy. Stops early when every row has produced stop_token.
-        criterion (not "none"): per-token adaptive exit, num_steps is then the cap (iterate_adaptive);
+        criterion (not "none"): per-token adaptive exit, num_steps is then the cap (iterate_adaptive).
         With return_steps, also the steps each token fed to the model used (all but the last
         generated one): (idx, steps (B, idx.size(1) - 1))."""
         num_steps = self.config.mean_recurrence if num_steps is None else num_steps
