@@ -326,14 +326,14 @@ class RecurrentDepthLM(nn.Module):
             s = block(s, cos, sin, kv_cache, ("core", step, j), mask)
         return s
 
-    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False):
-        """Run the core num_steps = (n, k) times from a fresh s0: n steps without gradient
-        (truncated backprop), then k with gradient. e gets gradient at every grad step.
+    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False, s0=None):
+        """Run the core num_steps = (n, k) times from s0 (default: a fresh one): n steps without
+        gradient (truncated backprop), then k with gradient. e gets gradient at every grad step.
         Returns the final state, or with keep_states the list of states after each grad step."""
-        if self.config.use_kernels and ops.kernels_available(e.device.type):
-            return ops.iterate(self, e, num_steps, cos, sin, kv_cache, mask, init_scale, keep_states)  # same math, fused
+        if self.config.use_kernels and ops.kernels_available(e.device.type):  # same math, fused
+            return ops.iterate(self, e, num_steps, cos, sin, kv_cache, mask, init_scale, keep_states, s0)
         n_no_grad, n_grad = num_steps
-        s = self.initialize_state(e, init_scale)
+        s = self.initialize_state(e, init_scale) if s0 is None else s0
         with torch.no_grad():
             for step in range(n_no_grad):
                 s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
@@ -344,7 +344,7 @@ class RecurrentDepthLM(nn.Module):
         return states if keep_states else s
 
     @torch.no_grad()
-    def iterate_adaptive(self, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_cache=None, mask=None):
+    def iterate_adaptive(self, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_cache=None, mask=None, s0=None):
         """Up to num_steps steps, with per-token adaptive exit (SPEC section 3): a token whose
         exit_rule (an ExitCriterion) is met at step >= min_steps keeps its state from then
         on. Frozen tokens still serve keys and values (from their frozen state) to the others of
@@ -352,7 +352,7 @@ class RecurrentDepthLM(nn.Module):
         steps not run repeat each token's last ones ("latest entry"), for later tokens to read.
         Returns the final state (B, T, h) and the steps each token used (B, T)."""
         B, T, _ = e.shape
-        s = self.initialize_state(e)
+        s = self.initialize_state(e) if s0 is None else s0
         used = torch.full((B, T), num_steps, dtype=torch.long, device=e.device)
         stopped = torch.zeros(B, T, dtype=torch.bool, device=e.device)
         for step in range(num_steps):
@@ -475,30 +475,36 @@ class RecurrentDepthLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=0.0, top_k=None, stop_token=None,
-                 criterion="none", exit_threshold="auto", min_steps=1, return_steps=False):
+                 criterion="none", exit_threshold="auto", min_steps=1, continuous_compute=False,
+                 return_steps=False):
         """Complete idx (B, T) with max_new_tokens tokens, each run at num_steps (default mean_r).
         The prompt is processed once into a KV cache; then one token at a time. temperature=0
         is greedy. Stops early when every row has produced stop_token.
         criterion (not "none"): per-token adaptive exit, num_steps is then the cap (iterate_adaptive).
+        continuous_compute: each generated token starts its steps from the previous token's final
+        state instead of a fresh s0 (the prompt's tokens, run in parallel, start fresh).
         With return_steps, also the steps each token fed to the model used (all but the last
         generated one): (idx, steps (B, idx.size(1) - 1))."""
         num_steps = self.config.mean_recurrence if num_steps is None else num_steps
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         kv_cache = KVCache()
 
-        def step_tokens(new_ids):
-            """Logits for new_ids after those in the cache, and the steps each token used."""
-            if criterion == "none":
-                return self(new_ids, num_steps=num_steps, kv_cache=kv_cache)[0], \
-                    torch.full(new_ids.shape, num_steps, device=new_ids.device)
+        def step_tokens(new_ids, s0=None):
+            """Logits for new_ids after those in the cache, the steps each token used, the final state."""
             cos, sin, mask = self._positions(new_ids, kv_cache)
             e = self.embed(new_ids, cos, sin, kv_cache, mask)
-            exit_rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, self.config.vocab_size, new_ids.device)
-            s, used = self.iterate_adaptive(e, num_steps, cos, sin, exit_rule, min_steps, kv_cache, mask)
+            if criterion == "none":
+                s = self.iterate(e, (num_steps, 0), cos, sin, kv_cache, mask, s0=s0)
+                used = torch.full(new_ids.shape, num_steps, device=new_ids.device)
+            else:
+                rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, self.config.vocab_size, new_ids.device)
+                s, used = self.iterate_adaptive(e, num_steps, cos, sin, rule, min_steps, kv_cache, mask, s0)
             logits = self.decode(s, cos, sin, kv_cache, mask)
             kv_cache.seq_len += new_ids.size(1)
-            return logits, used
+            return logits, used, s
 
-        logits, steps = step_tokens(idx)
+        logits, steps, s = step_tokens(idx)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             next_logits = logits[:, -1, :]
@@ -517,6 +523,6 @@ class RecurrentDepthLM(nn.Module):
                     break
             if i == max_new_tokens - 1 or idx.size(1) >= self.config.block_size:
                 break  # no forward for logits that would not be used
-            logits, used = step_tokens(next_id)
+            logits, used, s = step_tokens(next_id, s[:, -1:] if continuous_compute else None)
             steps = torch.cat([steps, used], dim=1)
         return (idx, steps) if return_steps else idx

@@ -211,11 +211,11 @@ def core_step(model, s, e_proj, cos, sin, step, kv_cache=None, mask=None):
     return s
 
 
-def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False):
+def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False, s0=None):
     """RecurrentDepthLM.iterate on the kernels. The steps without gradient run in one C++ call;
     the steps with gradient go through core_step's differentiable ops."""
     n_no_grad, n_grad = num_steps
-    s = model.initialize_state(e, init_scale)
+    s = model.initialize_state(e, init_scale) if s0 is None else s0
     h = e.size(-1)
     e_proj = F.linear(e, model.adapter.weight[:, h:])  # W_e e: once per forward, reused by every step
     if n_no_grad > 0:

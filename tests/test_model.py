@@ -258,3 +258,29 @@ def test_adaptive_exit_bad_criterion(tiny_config):
     model = make_model(tiny_config).eval()
     with pytest.raises(ValueError, match="criterion must be one of"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, criterion="entropy")
+
+
+def test_continuous_compute_changes_s0_and_nothing_else(tiny_config):
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    calls = []  # (step, state in, state out) of every core step
+    core_step = model.core_step
+
+    def recording_core_step(s, e, cos, sin, step, *args):
+        out = core_step(s, e, cos, sin, step, *args)
+        calls.append((step, s, out))
+        return out
+
+    model.core_step = recording_core_step
+    plain = model.generate(prompt, 4, num_steps=3)
+    plain_starts = [s for step, s, _ in calls if step == 0]
+    calls.clear()
+    cont = model.generate(prompt, 4, num_steps=3, continuous_compute=True)
+    starts = [s for step, s, _ in calls if step == 0]
+    finals = [out for step, _, out in calls if step == 2]
+    assert len(starts) == len(plain_starts) == 4  # the prompt, then 3 generated tokens fed back
+    assert all((s == 0).all() for s in plain_starts) and (starts[0] == 0).all()  # the prompt starts fresh
+    for start, previous_final in zip(starts[1:], finals):  # each token starts where the last one ended
+        assert torch.equal(start, previous_final[:, -1:])
+    assert torch.equal(cont[:, :6], plain[:, :6])  # the first new token comes from the prompt: unchanged
