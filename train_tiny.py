@@ -211,7 +211,7 @@ def checkpoint():
 if master:
     os.makedirs(out_dir, exist_ok=True)
 log = []
-running = {}  # hops -> [correct, total] since the last curriculum check
+gate = torch.zeros(2)  # [correct, total] on the curriculum's current targets since the last check
 bar = None
 if master and progress:
     from tqdm import tqdm
@@ -222,7 +222,7 @@ while iter_num < max_iters:
     for group in optimizer.param_groups:
         group["lr"] = lr
     lines = sample_problems(data_rng, batch_size, CorpusConfig(**{**asdict(corpus), "max_hops": current_max_hops}))
-    x, y, hops, lookups = (t.to(device) for t in encode_batch(lines, tokenizer, block_size, dense_targets))
+    x, y, _, lookups = (t.to(device) for t in encode_batch(lines, tokenizer, block_size, dense_targets))
     num_steps = raw_model.sample_num_steps(steps_rng)
     logits, loss = model(x, y, num_steps=num_steps, target_lookups=lookups if step_loss else None)
     optimizer.zero_grad(set_to_none=True)
@@ -232,17 +232,19 @@ while iter_num < max_iters:
     optimizer.step()
     iter_num += 1
 
-    with torch.no_grad():  # running accuracy on the current hardest difficulty gates the curriculum
-        hard = (lookups == current_max_hops)
-        stats = torch.tensor([(logits.argmax(-1)[hard] == y[hard]).sum().item(), hard.sum().item()], dtype=torch.float)
-        if ddp:
-            dist.all_reduce(stats)
-        correct, total = running.get(current_max_hops, (0.0, 0.0))
-        running[current_max_hops] = (correct + stats[0].item(), total + stats[1].item())
-    if curriculum and current_max_hops < max_hops and iter_num % 50 == 0:
-        correct, total = running.pop(current_max_hops, (0.0, 0.0))
-        if total and correct / total >= curriculum_threshold:
-            current_max_hops += 1
+    if curriculum and current_max_hops < max_hops:
+        with torch.no_grad():  # running accuracy on the current hardest targets gates the curriculum
+            hard = (lookups == current_max_hops)
+            stats = torch.tensor([(logits.argmax(-1)[hard] == y[hard]).sum().item(), hard.sum().item()],
+                                 dtype=torch.float)
+            if ddp:
+                dist.all_reduce(stats)
+            gate += stats
+        if iter_num % 50 == 0:
+            correct, total = gate.tolist()
+            if total and correct / total >= curriculum_threshold:
+                current_max_hops += 1
+            gate.zero_()
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", hops=current_max_hops, steps=sum(num_steps))
