@@ -96,6 +96,20 @@ inline void check_qk_bias_rope_args(const at::Tensor& qkv, const at::Tensor& qk_
   check_rope_tables(op, qkv, cos, sin, qkv.size(1), hs);
 }
 
+// A KV cache pair (B, nh, L, hs) that T new tokens are written into at positions pos .. pos + T - 1.
+inline void check_kv_cache_args(const char* op, const at::Tensor& qkv, int64_t n_head, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, int64_t pos) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), hs = qkv.size(2) / 3 / n_head;
+  check_like(k_cache, op, "k_cache", qkv);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == n_head && k_cache.size(3) == hs, op,
+              ": k_cache must have shape (B, nh, L, hs) = (", B, ", ", n_head, ", L, ", hs, "), got ",
+              k_cache.sizes());
+  check_like(v_cache, op, "v_cache", qkv);
+  check_shape(v_cache, op, "v_cache", k_cache.sizes());
+  TORCH_CHECK(pos >= 0 && pos + T <= k_cache.size(2), op, ": positions pos .. pos + T - 1 = ", pos, " .. ",
+              pos + T - 1, " must lie in the cache's length L = ", k_cache.size(2));
+}
+
 inline void check_qk_rope_grads(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
                                 const at::Tensor& cos, const at::Tensor& sin) {
   const char* op = "qk_bias_rope_backward";

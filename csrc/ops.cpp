@@ -43,14 +43,33 @@ TORCH_LIBRARY(minird, m) {
   m.def("qk_bias_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor cos, Tensor sin) -> Tensor");
   // s (..., h), e_proj = W_e e (..., h), weight = [W_s W_e] (h, 2h) -> W_s s + e_proj
   m.def("adapter(Tensor s, Tensor e_proj, Tensor weight) -> Tensor");
+  // qk_bias_rope at inference with a KV cache: k and v are written into k_cache, v_cache (B, nh, L, hs)
+  // at positions pos .. pos + T - 1 (no copy of the cache); returns q (B, nh, T, hs)
+  m.def(
+      "qk_bias_rope_cache(Tensor qkv, Tensor qk_bias, Tensor cos, Tensor sin, int n_head, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, int pos) -> Tensor");
   // num_steps recurrent steps (adapter + R blocks) without returning to Python; inference only.
-  // block_weights: R * 9 tensors, per block in BlockWeight order. past_k/past_v: empty (no KV
-  // cache), or num_steps * R tensors (B, nh, T_past, hs) for (step, block) in that order; then
-  // the returned lists hold the caches with this call's tokens appended.
+  // block_weights: R * 9 tensors, per block in BlockWeight order. mask: None (causal), or the
+  // attention mask model.forward passes to SDPA (bool, True = may attend; e.g. padded batches).
+  // Returns the final state.
   m.def(
       "recurrent_steps(Tensor s, Tensor e_proj, Tensor adapter_weight, Tensor[] block_weights, Tensor cos, "
-      "Tensor sin, Tensor[] past_k, Tensor[] past_v, int num_steps, int n_head, float eps) "
-      "-> (Tensor, Tensor[], Tensor[])");
+      "Tensor sin, Tensor? mask, int num_steps, int n_head, float eps) -> Tensor");
+  // The same with a KV cache: k_cache/v_cache hold num_steps * R buffers (B, nh, L, hs), one per
+  // (step, block) in that order (the same buffer may serve several: KV-cache sharing); this call's
+  // tokens are written at positions pos .. pos + T - 1 and attend to positions 0 .. pos + T - 1
+  // (mask None: all cached ones and causally among themselves). A separate op because a mutated list of tensors is only for generation, never traced by
+  // torch.compile (which cannot functionalize one).
+  m.def(
+      "recurrent_steps_cached(Tensor s, Tensor e_proj, Tensor adapter_weight, Tensor[] block_weights, Tensor cos, "
+      "Tensor sin, Tensor? mask, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int num_steps, int n_head, "
+      "float eps) -> Tensor");
+  // recurrent_steps_cached for one new token (B = 1, T = 1) in one persistent CUDA
+  // kernel launch: the decode case, where a step is otherwise dozens of dependent launches.
+  m.def(
+      "decode_steps(Tensor s, Tensor e_proj, Tensor adapter_weight, Tensor[] block_weights, Tensor cos, "
+      "Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int num_steps, int n_head, float eps) "
+      "-> Tensor");
 }
 
 at::Tensor adapter(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& weight) {
@@ -68,11 +87,13 @@ at::Tensor adapter(const at::Tensor& s, const at::Tensor& e_proj, const at::Tens
 // The order of one block's tensors in recurrent_steps' block_weights (minird/ops.py builds it).
 enum BlockWeight { NORM_1, WQKV, QK_BIAS, ATTN_PROJ, NORM_2, NORM_3, FC, MLP_PROJ, NORM_4, N_BLOCK_WEIGHTS };
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> recurrent_steps(
-    const at::Tensor& s0, const at::Tensor& e_proj, const at::Tensor& adapter_weight, at::TensorList block_weights,
-    const at::Tensor& cos, const at::Tensor& sin, at::TensorList past_k, at::TensorList past_v, int64_t num_steps,
-    int64_t n_head, double eps) {
-  const char* op = "recurrent_steps";
+// Both recurrent_steps ops: without a KV cache (cached = false: k_cache, v_cache empty) or with one.
+static at::Tensor run_steps(bool cached, const at::Tensor& s0, const at::Tensor& e_proj,
+                            const at::Tensor& adapter_weight, at::TensorList block_weights, const at::Tensor& cos,
+                            const at::Tensor& sin, const std::optional<at::Tensor>& attn_mask,
+                            at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
+                            int64_t n_head, double eps) {
+  const char* op = cached ? "recurrent_steps_cached" : "recurrent_steps";
   check_floating(s0, op, "s");
   TORCH_CHECK(s0.dim() == 3, op, ": s must have shape (B, T, h), got ", s0.sizes());
   TORCH_CHECK(num_steps >= 0, op, ": num_steps must be >= 0, got ", num_steps);
@@ -80,19 +101,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> recurre
   TORCH_CHECK(!block_weights.empty() && block_weights.size() % N_BLOCK_WEIGHTS == 0, op,
               ": block_weights must hold 9 tensors per core block, got ", block_weights.size());
   const int64_t R = block_weights.size() / N_BLOCK_WEIGHTS;
-  const bool cached = !past_k.empty();
-  TORCH_CHECK(past_k.size() == past_v.size() && (!cached || (int64_t)past_k.size() == num_steps * R), op,
-              ": past_k and past_v must be empty or hold num_steps * R = ", num_steps * R, " tensors, got ",
-              past_k.size(), " and ", past_v.size());
-  // The kernels check their own arguments; the caches and GEMM weights are checked here, by name.
-  const int64_t T_past = cached ? past_k[0].size(2) : 0;
+  TORCH_CHECK(!cached || ((int64_t)k_cache.size() == num_steps * R && v_cache.size() == k_cache.size()), op,
+              ": k_cache and v_cache must hold num_steps * R = ", num_steps * R, " tensors, got ",
+              k_cache.size(), " and ", v_cache.size());
   TORCH_CHECK(n_head > 0 && h % n_head == 0, op, ": n_head=", n_head, " must divide h=", h);
-  for (size_t i = 0; i < past_k.size(); i++) {  // one length for all: the mask below assumes it
-    for (const auto& [t, name] : {std::pair{past_k[i], "past_k[i]"}, std::pair{past_v[i], "past_v[i]"}}) {
-      // (any strides: they only go through at::cat)
-      TORCH_CHECK(t.device() == s0.device() && t.scalar_type() == s0.scalar_type(), op, ": ", name,
-                  " must be on ", s0.device(), " with dtype ", s0.scalar_type(), " like s");
-      check_shape(t, op, name, {B, n_head, T_past, h / n_head});
+  // The kernels check their own arguments; the caches and GEMM weights are checked here, by name.
+  if (cached && num_steps > 0) {
+    const int64_t L = k_cache[0].dim() == 4 ? k_cache[0].size(2) : -1;
+    TORCH_CHECK(pos >= 0 && pos + T <= L, op, ": positions pos .. pos + T - 1 = ", pos, " .. ", pos + T - 1,
+                " must lie in the caches' length L = ", L);
+    for (size_t i = 0; i < k_cache.size(); i++) {  // one length for all: the mask below assumes it
+      for (const auto& [t, name] : {std::pair{k_cache[i], "k_cache[i]"}, std::pair{v_cache[i], "v_cache[i]"}}) {
+        check_like(t, op, name, s0);
+        check_shape(t, op, name, {B, n_head, L, h / n_head});
+      }
     }
   }
   const int64_t I = block_weights[FC].size(0) / 2;
@@ -118,28 +140,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> recurre
       .findSchemaOrThrow("minird::qk_bias_rope", "")
       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                             const at::Tensor&, const at::Tensor&, int64_t)>();
+  static auto rope_cache_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("minird::qk_bias_rope_cache", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                        at::Tensor&, at::Tensor&, int64_t)>();
 
-  // New tokens see all cached ones and are causal among themselves: the mask model.forward builds.
-  std::optional<at::Tensor> mask;
-  if (T_past > 0 && T > 1) {
-    mask = at::ones({T, T_past + T}, s0.options().dtype(at::kBool)).tril(T_past);
+  // By default new tokens see all cached ones and are causal among themselves: the mask
+  // model.forward builds when it has no other (padding) to add.
+  std::optional<at::Tensor> mask = attn_mask;
+  if (!mask && pos > 0 && T > 1) {
+    mask = at::ones({T, pos + T}, s0.options().dtype(at::kBool)).tril(pos);
   }
 
-  std::vector<at::Tensor> new_k, new_v;
   at::Tensor s = s0;
   for (int64_t step = 0; step < num_steps; step++) {
     s = adapter(s, e_proj, adapter_weight);
     at::Tensor xn = std::get<0>(add_rmsnorm_op.call(s, std::nullopt, block_weights[NORM_1], std::nullopt, eps));
     for (int64_t j = 0; j < R; j++) {
       const at::Tensor* w = block_weights.data() + j * N_BLOCK_WEIGHTS;
-      auto [q, k, v] = rope_op.call(at::linear(xn, w[WQKV]), w[QK_BIAS], cos, sin, n_head);  // (B, nh, T, hs)
+      at::Tensor q, k, v;  // (B, nh, T, hs); with a cache k, v are (B, nh, pos + T, hs) views of it
       if (cached) {
-        k = at::cat({past_k[step * R + j], k}, 2);  // (B, nh, T_past + T, hs)
-        v = at::cat({past_v[step * R + j], v}, 2);
-        new_k.push_back(k);
-        new_v.push_back(v);
+        at::Tensor k_buf = k_cache[step * R + j], v_buf = v_cache[step * R + j];
+        q = rope_cache_op.call(at::linear(xn, w[WQKV]), w[QK_BIAS], cos, sin, n_head, k_buf, v_buf, pos);
+        k = k_buf.narrow(2, 0, pos + T);
+        v = v_buf.narrow(2, 0, pos + T);
+      } else {
+        std::tie(q, k, v) = rope_op.call(at::linear(xn, w[WQKV]), w[QK_BIAS], cos, sin, n_head);
       }
-      at::Tensor y = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/T_past == 0);
+      at::Tensor y = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/!mask && pos == 0);
       y = at::linear(y.transpose(1, 2).reshape({B, T, h}), w[ATTN_PROJ]);
       std::tie(s, xn) = add_rmsnorm_op.call(s, y, w[NORM_2], w[NORM_3], eps);  // norm_2, and norm_3 of it
       y = at::linear(swiglu_op.call(at::linear(xn, w[FC])), w[MLP_PROJ]);
@@ -149,12 +177,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> recurre
       std::tie(s, xn) = add_rmsnorm_op.call(s, y, w[NORM_4], next_norm_1, eps);
     }
   }
-  return {s, new_k, new_v};
+  return s;
+}
+
+at::Tensor recurrent_steps(const at::Tensor& s0, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+                           at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
+                           const std::optional<at::Tensor>& mask, int64_t num_steps, int64_t n_head, double eps) {
+  return run_steps(false, s0, e_proj, adapter_weight, block_weights, cos, sin, mask, {}, {}, 0, num_steps, n_head,
+                   eps);
+}
+
+at::Tensor recurrent_steps_cached(const at::Tensor& s0, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+                                  at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
+                                  const std::optional<at::Tensor>& mask, at::TensorList k_cache,
+                                  at::TensorList v_cache, int64_t pos, int64_t num_steps, int64_t n_head,
+                                  double eps) {
+  return run_steps(true, s0, e_proj, adapter_weight, block_weights, cos, sin, mask, k_cache, v_cache, pos,
+                   num_steps, n_head, eps);
 }
 
 TORCH_LIBRARY_IMPL(minird, CompositeExplicitAutograd, m) {
   m.impl("adapter", &adapter);
   m.impl("recurrent_steps", &recurrent_steps);
+  m.impl("recurrent_steps_cached", &recurrent_steps_cached);
 }
 
 }  // namespace minird

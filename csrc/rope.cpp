@@ -14,6 +14,10 @@
 //     grad_x1 = g1*cos + g2*sin        grad_x2 = -g1*sin + g2*cos
 // written into a (B, T, 3h) grad of qkv; v's grad is just transposed back. The bias grad is the sum
 // of grad_x over (B, T), which the Python backward takes from that tensor with one torch.sum.
+//
+// qk_bias_rope_cache is the same pass at inference with a KV cache: k and v are written straight
+// into the cache buffers (B, nh, L, hs) at positions pos .. pos + T - 1 instead of into new
+// tensors, so appending to the cache costs no copy (eager: KVCache.update's slice assignment).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,27 +25,28 @@
 
 namespace minird {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_bias_rope_cpu(const at::Tensor& qkv, const at::Tensor& qk_bias,
-                                                                const at::Tensor& cos, const at::Tensor& sin,
-                                                                int64_t n_head) {
-  check_qk_bias_rope_args(qkv, qk_bias, cos, sin, n_head);
+// The one forward pass of both ops: q goes to q_out (B, nh, T, hs); k and v to k_out and v_out
+// (B, nh, L, hs) at sequence positions pos .. pos + T - 1 (L = T, pos = 0: fresh tensors).
+static void qk_bias_rope_into(const at::Tensor& qkv, const at::Tensor& qk_bias, const at::Tensor& cos,
+                              const at::Tensor& sin, int64_t n_head, at::Tensor& q_out, at::Tensor& k_out,
+                              at::Tensor& v_out, int64_t pos) {
   const int64_t B = qkv.size(0), T = qkv.size(1), h = qkv.size(2) / 3, hs = h / n_head, half = hs / 2;
-  at::Tensor q = at::empty({B, n_head, T, hs}, qkv.options());
-  at::Tensor k = at::empty_like(q), v = at::empty_like(q);
+  const int64_t L = k_out.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "qk_bias_rope_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = qkv.data_ptr<scalar_t>();
     const scalar_t* bias = qk_bias.data_ptr<scalar_t>();  // (2, nh, hs) in memory
     const scalar_t* pc = cos.data_ptr<scalar_t>();
     const scalar_t* ps = sin.data_ptr<scalar_t>();
-    scalar_t* outs[3] = {q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>()};
+    scalar_t* outs[3] = {q_out.data_ptr<scalar_t>(), k_out.data_ptr<scalar_t>(), v_out.data_ptr<scalar_t>()};
     at::parallel_for(0, B * T, std::max<int64_t>(1, 8192 / h), [&](int64_t begin, int64_t end) {
       for (int64_t bt = begin; bt < end; bt++) {
         const int64_t b = bt / T, t = bt % T;
         for (int64_t part = 0; part < 3; part++) {
           for (int64_t head = 0; head < n_head; head++) {
             const scalar_t* x = in + bt * 3 * h + part * h + head * hs;
-            scalar_t* o = outs[part] + ((b * n_head + head) * T + t) * hs;  // (B, nh, T, hs)
+            scalar_t* o = part == 0 ? outs[0] + ((b * n_head + head) * T + t) * hs        // (B, nh, T, hs)
+                                    : outs[part] + ((b * n_head + head) * L + pos + t) * hs;  // (B, nh, L, hs)
             if (part == 2) {  // v: only the layout changes
               for (int64_t i = 0; i < hs; i++) o[i] = x[i];
               continue;
@@ -59,7 +64,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_bias_rope_cpu(const at::Tensor
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_bias_rope_cpu(const at::Tensor& qkv, const at::Tensor& qk_bias,
+                                                                const at::Tensor& cos, const at::Tensor& sin,
+                                                                int64_t n_head) {
+  check_qk_bias_rope_args(qkv, qk_bias, cos, sin, n_head);
+  const int64_t B = qkv.size(0), T = qkv.size(1), hs = qkv.size(2) / 3 / n_head;
+  at::Tensor q = at::empty({B, n_head, T, hs}, qkv.options());
+  at::Tensor k = at::empty_like(q), v = at::empty_like(q);
+  qk_bias_rope_into(qkv, qk_bias, cos, sin, n_head, q, k, v, 0);
   return {q, k, v};
+}
+
+at::Tensor qk_bias_rope_cache_cpu(const at::Tensor& qkv, const at::Tensor& qk_bias, const at::Tensor& cos,
+                                  const at::Tensor& sin, int64_t n_head, at::Tensor& k_cache, at::Tensor& v_cache,
+                                  int64_t pos) {
+  check_qk_bias_rope_args(qkv, qk_bias, cos, sin, n_head);
+  check_kv_cache_args("qk_bias_rope_cache", qkv, n_head, k_cache, v_cache, pos);
+  const int64_t B = qkv.size(0), T = qkv.size(1), hs = qkv.size(2) / 3 / n_head;
+  at::Tensor q = at::empty({B, n_head, T, hs}, qkv.options());
+  qk_bias_rope_into(qkv, qk_bias, cos, sin, n_head, q, k_cache, v_cache, pos);
+  return q;
 }
 
 at::Tensor qk_bias_rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
@@ -103,6 +129,7 @@ at::Tensor qk_bias_rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor&
 TORCH_LIBRARY_IMPL(minird, CPU, m) {
   m.impl("qk_bias_rope", &qk_bias_rope_cpu);
   m.impl("qk_bias_rope_backward", &qk_bias_rope_backward_cpu);
+  m.impl("qk_bias_rope_cache", &qk_bias_rope_cache_cpu);
 }
 
 }  // namespace minird

@@ -1,0 +1,671 @@
+// decode_steps on CUDA: num_steps whole recurrent steps for ONE new token (B = 1, T = 1) in ONE
+// cooperative kernel launch. The reference it must match is recurrent_steps in csrc/ops.cpp (its
+// loop over steps and core blocks; the math is RecurrentDepthLM.core_step / SandwichBlock /
+// CausalSelfAttention in minird/model.py); tests/test_decode.py compares the two.
+//
+// What one step is, for one token (h = n_embd, R core blocks, nh heads of hs, SwiGLU inner I):
+//     s = W_s s + e_proj                                        (the adapter; e_proj = W_e e, fixed)
+//     for each core block j:
+//         q, k, v = Wqkv norm_1(s);  q, k += qk_bias;  rotate q, k (RoPE at position pos)
+//         write k, v into this (step, block)'s KV cache at pos
+//         y = attn.proj softmax(q K^T / sqrt(hs)) V          (per head, over positions 0 .. pos)
+//         s = norm_2(s + y)
+//         s = norm_4(s + mlp.proj(silu(gate) * up)),  [gate; up] = mlp.fc norm_3(s)
+//
+// Why launches bound decode. At h = 256, R = 4, bf16 a step reads 8.6 MB of weights -- they fit in
+// the H100's 50 MB L2 and stay there from step to step, so the floor is ~3 us. The unfused chain
+// is 47 dependent kernels per step; even replayed from a CUDA graph each costs ~2.5 us of launch
+// and tail, so a step took 117 us (csrc/README.md). Every op is a GEMV of a few hundred rows: the
+// work of each kernel is tiny, the wait between kernels is not.
+//
+// version 1 (recurrent_steps, csrc/ops.cpp): one launch per op, ~47 per step.
+// version 2 (this file): one launch for all num_steps steps. Its blocks stay resident (a
+//   cooperative launch with at most one block per SM guarantees they all run at once) and wait for
+//   each other at grid-wide barriers (cooperative_groups grid.sync(), ~1 us) wherever one phase
+//   needs what the whole grid produced in the previous one. The phases of a step:
+//     A  adapter: a warp per row of W_s                        -> s_adapted (h)          barrier
+//     per core block j:
+//     B  norm_1, then the qkv GEMV: a warp per rotation pair (rows 2i, 2i+1), so that the bias
+//        and the rotation happen in registers; q -> scratch, k and v straight into the cache
+//                                                                                        barrier
+//     C  attention + attn.proj: a block per (head, slice of proj rows). The block computes its
+//        head's attention (scores, softmax, P V) in shared memory and multiplies it by that head's
+//        hs columns of attn.proj for its rows: y_heads[head] (h). y = sum over heads comes next.
+//                                                                                        barrier
+//     D  y = sum of y_heads; s = norm_2(s + y); norm_3; the fc GEMV, a warp per (gate row i,
+//        up row I + i) so that silu(gate) * up happens in registers  -> u (I)          barrier
+//     E  mlp.proj GEMV: a warp per row                         -> y_mlp (h)             barrier
+//        then s = norm_4(s + y_mlp), and the next block's norm_1 (or the next step's adapter).
+//   4R + 1 barriers per step (17 at R = 4), where the op chain had 47 launches.
+// What each block computes redundantly, and why: the norms. A norm needs the whole h-wide vector
+// (one sum of squares), and h <= a few thousand is tiny, so instead of one more phase and one more
+// barrier per norm, EVERY block reads the few KB it needs (y_heads, y_mlp: a few KB from L2) and
+// recomputes the same state s in its own shared memory, bit for bit the same in every block (same
+// code, same order). So the state never goes through global memory except after the adapter
+// (whose rows are spread over the grid) and at the end.
+// Attention is the other redundancy: the blocks that share a head all recompute its softmax (the
+// launcher bounds how many, so that at most ~2 MB of keys and values are re-read per phase). That
+// saves the barrier an attention phase of its own would need. At long contexts (pos ~ 2k) one
+// head's keys and values are ~0.5 MB and the phase becomes one SM's bandwidth; a split over keys
+// (flash-decoding) with one more barrier would be the next version.
+// Weights never change during the kernel, so their loads could be issued before each barrier: an
+// L1 prefetch of each warp's next rows was tried and measured no faster on an H100 (71.0 vs 69.3
+// us/step at h = 256); the 4R norm weights are kept in shared memory instead (when they fit).
+//
+// Numerics: as the other kernels here, fp32 accumulation, and round_to<scalar_t> wherever eager
+// stores a tensor (each GEMV output, q/k after the bias and after each product of the rotation,
+// the attention output, silu(gate), s + y, the norm before its weight and after it).
+// Scratch that one phase hands to the next is fp32 in global memory, holding those rounded values.
+// Memory ordering: grid.sync() makes every write before it visible to every read after it. Values
+// written during the launch (scratch, the KV cache) are read with __ldcg (through L2, never a
+// stale L1 line); only the weights use the read-only path (__ldg).
+//
+// Measured (H100, bf16, R = 4, a 128-token cache, the 4 steps of one call replayed from a CUDA
+// graph): h = 256 69 us/step (the 47-launch chain: 117), h = 1024 198-216 us/step (231). One
+// grid.sync alone costs 1.1 us whatever the grid (16 to 132 blocks), so the 17 barriers are ~19 us of
+// a step; the rest is each phase's chain of dependent L2 round trips (read what the last phase
+// wrote, reduce, GEMV, store: ~3 us a phase; not profiled further). Below 20 us needs fewer barriers
+// (phases fused by split-K partial sums, as phase C does for attn.proj) as much as faster phases.
+// Fewer blocks were slower (16: 94 us/step).
+//
+// Limits: float32 and bfloat16; B = T = 1; R <= 16 core blocks; one launch takes at most 96
+// (step, block) cache entries, so more steps run as several launches (24 steps each at R = 4).
+// The grid size does not change the result (every row's dot product is one warp's, every head's
+// sum one block's, in a fixed order): MINIRD_DECODE_BLOCKS=n forces n blocks, to measure the
+// barrier cost against the bandwidth of more SMs (the test checks the result is the same), and
+// MINIRD_DECODE_NORMS_IN_SMEM=0 reads the norm weights from L2 (h = 256: +1 us/step; 1024: +12).
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace minird {
+
+namespace cg = cooperative_groups;
+
+// The order of one core block's tensors in block_weights: BlockWeight in csrc/ops.cpp.
+namespace bw {
+enum { NORM_1, WQKV, QK_BIAS, ATTN_PROJ, NORM_2, NORM_3, FC, MLP_PROJ, NORM_4, COUNT };
+}
+constexpr int kMaxCoreBlocks = 16;  // R that one launch takes (the pointers travel as kernel arguments)
+constexpr int kMaxEntries = 96;     // (step, block) KV-cache entries that one launch takes
+
+// --- argument checks (each names the op, the argument and what was expected) ----------------
+
+inline void check_decode_steps_args(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+                                    at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
+                                    at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
+                                    int64_t n_head) {
+  const char* op = "decode_steps";
+  TORCH_CHECK(s.is_cuda(), op, ": s must be a CUDA tensor, got ", s.device());
+  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, op,
+              ": s must have dtype float32 or bfloat16, got ", s.scalar_type());
+  TORCH_CHECK(s.dim() == 3 && s.size(0) == 1 && s.size(1) == 1 && s.size(2) > 0, op,
+              ": s must have shape (1, 1, h) (one new token of batch 1), got ", s.sizes());
+  TORCH_CHECK(s.is_contiguous(), op, ": s must be contiguous");
+  const int64_t h = s.size(2);
+  TORCH_CHECK(n_head > 0 && h % n_head == 0 && (h / n_head) % 2 == 0, op, ": n_head=", n_head, " must divide h=", h,
+              " into heads of even size");
+  const int64_t hs = h / n_head;
+  TORCH_CHECK(num_steps >= 0, op, ": num_steps must be >= 0, got ", num_steps);
+  check_like(e_proj, op, "e_proj", s);
+  check_shape(e_proj, op, "e_proj", s.sizes());
+  check_like(adapter_weight, op, "adapter_weight", s);
+  check_shape(adapter_weight, op, "adapter_weight", {h, 2 * h});
+  check_like(cos, op, "cos", s);
+  check_shape(cos, op, "cos", {1, hs / 2});
+  check_like(sin, op, "sin", s);
+  check_shape(sin, op, "sin", {1, hs / 2});
+
+  TORCH_CHECK(!block_weights.empty() && block_weights.size() % bw::COUNT == 0, op,
+              ": block_weights must hold 9 tensors per core block, got ", block_weights.size());
+  const int64_t R = block_weights.size() / bw::COUNT;
+  TORCH_CHECK(R <= kMaxCoreBlocks, op, ": at most ", kMaxCoreBlocks, " core blocks, got ", R);
+  const at::Tensor& fc0 = block_weights[bw::FC];
+  TORCH_CHECK(fc0.dim() == 2 && fc0.size(0) > 0 && fc0.size(0) % 2 == 0, op,
+              ": block_weights[6] (mlp.fc of core block 0) must have shape (2*I, h), got ", fc0.sizes());
+  const int64_t I = fc0.size(0) / 2;
+  static const char* names[bw::COUNT] = {"norm_1",      "attn.Wqkv", "attn.qk_bias", "attn.proj", "norm_2",
+                                         "norm_3",      "mlp.fc",    "mlp.proj",     "norm_4"};
+  for (int64_t j = 0; j < R; j++) {
+    const std::vector<std::vector<int64_t>> shapes = {{h}, {3 * h, h}, {2, 1, n_head, 1, hs}, {h, h}, {h},
+                                                      {h}, {2 * I, h}, {h, I},                {h}};
+    for (int k = 0; k < bw::COUNT; k++) {
+      const std::string name = "block_weights[" + std::to_string(j * bw::COUNT + k) + "] (" + names[k] +
+                               " of core block " + std::to_string(j) + ")";
+      check_like(block_weights[j * bw::COUNT + k], op, name.c_str(), s);
+      check_shape(block_weights[j * bw::COUNT + k], op, name.c_str(), shapes[k]);
+    }
+  }
+
+  TORCH_CHECK((int64_t)k_cache.size() == num_steps * R && (int64_t)v_cache.size() == num_steps * R, op,
+              ": k_cache and v_cache must hold num_steps * R = ", num_steps * R, " tensors, got ", k_cache.size(),
+              " and ", v_cache.size());
+  if (num_steps == 0) return;
+  TORCH_CHECK(k_cache[0].dim() == 4, op, ": k_cache[0] must have shape (1, nh, L, hs), got ", k_cache[0].sizes());
+  const int64_t L = k_cache[0].size(2);  // one length for all entries, as recurrent_steps
+  TORCH_CHECK(pos >= 0 && pos < L, op, ": pos=", pos, " must lie in the caches' length L = ", L);
+  for (size_t i = 0; i < k_cache.size(); i++) {
+    for (const auto& [t, list] : {std::pair{k_cache[i], "k_cache"}, std::pair{v_cache[i], "v_cache"}}) {
+      const std::string name = std::string(list) + "[" + std::to_string(i) + "]";
+      check_like(t, op, name.c_str(), s);
+      check_shape(t, op, name.c_str(), {1, n_head, L, hs});
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+                  " must start at a 16-byte aligned address (a buffer of its own, not an odd view)");
+    }
+  }
+}
+
+namespace {  // this file's helpers and kernel
+
+// --- loads: weights through the read-only path, values written during the launch through L2 ---
+
+// 16 bytes (8 bf16 or 4 fp32) unpacked to float. A bf16 is the top half of a float.
+template <typename scalar_t>
+__device__ inline void unpack16(uint4 raw, float* f) {
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) f[k] = __uint_as_float(words[k]);
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>, "decode_steps: float32 or bfloat16");
+#pragma unroll
+    for (int k = 0; k < 4; k++) {  // little endian: element 2k is the low half of word k
+      f[2 * k] = __uint_as_float(words[k] << 16);
+      f[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
+    }
+  }
+}
+
+template <typename scalar_t>
+__device__ inline void load_weights16(const scalar_t* p, float* f) {
+  unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(p)), f);
+}
+
+template <typename scalar_t>
+__device__ inline void load_data16(const scalar_t* p, float* f) {
+  unpack16<scalar_t>(__ldcg(reinterpret_cast<const uint4*>(p)), f);
+}
+
+template <typename scalar_t>
+__device__ inline float load_weight(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return __ldg(reinterpret_cast<const float*>(p));
+  } else {
+    return __uint_as_float((unsigned)__ldg(reinterpret_cast<const unsigned short*>(p)) << 16);
+  }
+}
+
+template <typename scalar_t>
+__device__ inline float load_data(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return __ldcg(reinterpret_cast<const float*>(p));
+  } else {
+    return __uint_as_float((unsigned)__ldcg(reinterpret_cast<const unsigned short*>(p)) << 16);
+  }
+}
+
+// Two neighbouring values (d, d + 1) written during the launch; d is even, so the pair is aligned.
+template <typename scalar_t>
+__device__ inline void load_data_pair(const scalar_t* p, float* f) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
+    f[0] = v.x;
+    f[1] = v.y;
+  } else {
+    const unsigned word = __ldcg(reinterpret_cast<const unsigned*>(p));
+    f[0] = __uint_as_float(word << 16);
+    f[1] = __uint_as_float(word & 0xffff0000u);
+  }
+}
+
+__device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// --- the pieces of a phase ---------------------------------------------------------------------
+
+__device__ inline float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ inline T block_max(T v, T* shared) {  // as block_sum (common.cuh), with max
+  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffff, v, offset));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  T total = shared[0];
+  for (int w = 1; w < (int)((blockDim.x + 31) >> 5); w++) total = max(total, shared[w]);
+  return total;
+}
+
+// The GEMV step of one warp: out[r] = rows[r] . x for NR rows of n weights at once (their loads
+// interleave), x (n floats) in shared memory; the result in every lane. The plain loop is the
+// fallback for rows that are not 16-byte aligned (e.g. odd head sizes): same sum, slower.
+template <typename scalar_t, int NR>
+__device__ inline void warp_dot(const scalar_t* const (&rows)[NR], const float* x, int n, float (&out)[NR]) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int lane = threadIdx.x % 32;
+  float acc[NR];
+  bool vectorized = n % VEC == 0;
+#pragma unroll
+  for (int r = 0; r < NR; r++) {
+    acc[r] = 0.f;
+    vectorized = vectorized && aligned16(rows[r]);
+  }
+  if (vectorized) {
+#pragma unroll 4
+    for (int c = lane * VEC; c < n; c += 32 * VEC) {
+      float xv[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; k += 4) *reinterpret_cast<float4*>(xv + k) = *reinterpret_cast<const float4*>(x + c + k);
+#pragma unroll
+      for (int r = 0; r < NR; r++) {
+        float wv[VEC];
+        load_weights16(rows[r] + c, wv);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) acc[r] = fmaf(wv[k], xv[k], acc[r]);
+      }
+    }
+  } else {
+    for (int c = lane; c < n; c += 32) {
+#pragma unroll
+      for (int r = 0; r < NR; r++) acc[r] = fmaf(load_weight(rows[r] + c), x[c], acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < NR; r++) out[r] = warp_sum(acc[r]);
+}
+
+// One thread's dot product of a cached key row (n values written during the launch) with x (shared).
+template <typename scalar_t>
+__device__ inline float thread_dot(const scalar_t* row, const float* x, int n) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  float acc = 0.f;
+  if (n % VEC == 0 && aligned16(row)) {
+#pragma unroll 8
+    for (int c = 0; c < n; c += VEC) {  // (unrolled: the row's loads are issued together, one L2 wait)
+      float f[VEC];
+      load_data16(row + c, f);
+#pragma unroll
+      for (int k = 0; k < VEC; k++) acc = fmaf(f[k], x[c + k], acc);
+    }
+  } else {
+    for (int c = 0; c < n; c++) acc = fmaf(load_data(row + c), x[c], acc);
+  }
+  return acc;
+}
+
+// out = rmsnorm(in) * w over the whole block, as RMSNorm.forward / add_rmsnorm_kernel: the sum of
+// squares in fp32, the normalised value rounded to the dtype, then times the weight and rounded.
+// out may be in: each thread reads and writes only its own elements i = tid, tid + blockDim, ...
+// w_shared: the same weight, copied to shared memory at the start (or nullptr: read w from L2).
+template <typename scalar_t>
+__device__ inline void rmsnorm_block(const float* in, const scalar_t* w, const float* w_shared, float* out, int h,
+                                     float eps, float* red) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < h; i += blockDim.x) ss += in[i] * in[i];
+  const float r = 1.f / sqrtf(block_sum(ss, red) / h + eps);
+  for (int i = threadIdx.x; i < h; i += blockDim.x) {
+    const float wi = w_shared != nullptr ? w_shared[i] : load_weight(w + i);
+    out[i] = round_to<scalar_t>(round_to<scalar_t>(in[i] * r) * wi);
+  }
+  __syncthreads();  // the GEMV that follows reads every element
+}
+
+// --- the kernel ----------------------------------------------------------------------------------
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename scalar_t>
+struct DecodeParams {
+  const scalar_t* s_in;     // (h) the state entering this launch's first step
+  scalar_t* s_out;          // (h) the state after its last step
+  const scalar_t* e_proj;   // (h) W_e e
+  const scalar_t* adapter;  // (h, 2h) [W_s W_e]: only W_s, the first h columns of each row, is read
+  const scalar_t* cos;      // (hs/2) the angles of position pos
+  const scalar_t* sin;
+  const scalar_t* w[kMaxCoreBlocks][bw::COUNT];  // each core block's tensors, BlockWeight order
+  scalar_t* k_cache[kMaxEntries];                // (nh, L, hs) each; entry step * R + j
+  scalar_t* v_cache[kMaxEntries];
+  // fp32 scratch in global memory: what one phase hands to the next
+  float* s_adapted;  // (h) phase A's output
+  float* q;          // (nh, hs) phase B's rotated queries
+  float* y_heads;    // (nh, h) phase C's attn.proj output, one partial sum per head
+  float* u;          // (I) phase D's silu(gate) * up
+  float* y_mlp;      // (h) phase E's mlp.proj output
+  int h, I, n_head, hs, R, num_steps, pos, L;
+  int attn_chunks;  // phase C splits attn.proj's h rows into this many slices per head
+  int norms_in_smem;  // the 4R norm weights fit in shared memory: copied there once, at the start
+  float eps, attn_scale;
+};
+
+// The launch passes the struct by value: keep it under the classic 4 KB of kernel arguments.
+static_assert(sizeof(DecodeParams<float>) <= 4096, "decode_steps: kernel arguments over 4 KB");
+
+// n floats rounded up to a multiple of 4, so that every piece of shared memory is 16-byte aligned
+__host__ __device__ inline int round4(int n) { return (n + 3) / 4 * 4; }
+
+// Dynamic shared memory of one block, in floats (the kernel carves it up in this order); the norm
+// weights (4 per core block) come last, when the launcher keeps them there.
+inline int decode_smem_floats(int h, int I, int hs, int pos) {
+  return round4(h) + round4(std::max(h, I)) + 2 * round4(hs) + round4(std::max(2 * kThreads, hs)) + round4(pos + 1);
+}
+constexpr int kNormsPerBlock = 4;  // norm_1 .. norm_4: the h-wide weights of a core block
+__host__ __device__ inline int norm_slot(int which) {  // BlockWeight index -> slot in the shared copy
+  return which == bw::NORM_1 ? 0 : which == bw::NORM_2 ? 1 : which == bw::NORM_3 ? 2 : 3;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_constant__ DecodeParams<scalar_t> p) {
+  cg::grid_group grid = cg::this_grid();
+  const int h = p.h, I = p.I, hs = p.hs, nh = p.n_head, pos = p.pos, L = p.L;
+  const float eps = p.eps;
+  extern __shared__ float4 smem4[];
+  __shared__ float red[32];  // block reductions
+  float* s = reinterpret_cast<float*>(smem4);           // (h) the state: the same in every block
+  float* x = s + round4(h);                             // (max(h, I)) the vector the current GEMV multiplies
+  float* q = x + round4(max(h, I));                     // (hs) phase C: this head's query
+  float* att = q + round4(hs);                          // (hs) phase C: this head's attention output
+  float* part = att + round4(hs);                       // (max(2 kThreads, hs)) phase C: partial sums of P V
+  float* prob = part + round4(max(2 * kThreads, hs));  // (pos + 1) phase C: scores, then probabilities
+  float* norms = prob + round4(pos + 1);                // (R, 4, h) the norm weights, if p.norms_in_smem
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gwarp = blockIdx.x * kWarps + warp, n_gwarps = gridDim.x * kWarps;  // warps of the grid
+
+  for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = static_cast<float>(p.s_in[i]);
+  if (p.norms_in_smem) {  // read once here instead of once per norm per step from L2
+    for (int j = 0; j < p.R; j++) {
+      for (int which : {bw::NORM_1, bw::NORM_2, bw::NORM_3, bw::NORM_4}) {
+        float* dst = norms + (j * kNormsPerBlock + norm_slot(which)) * h;
+        for (int i = threadIdx.x; i < h; i += blockDim.x) dst[i] = load_weight(p.w[j][which] + i);
+      }
+    }
+  }
+  // the shared copy of core block j's norm weight `which`, or nullptr
+  auto norm_w = [&](int j, int which) {
+    return p.norms_in_smem ? norms + (j * kNormsPerBlock + norm_slot(which)) * h : nullptr;
+  };
+  __syncthreads();
+
+  for (int step = 0; step < p.num_steps; step++) {
+    // ---- A: s_adapted = W_s s + e_proj (one rounding, as addmm) ----
+    for (int r = gwarp; r < h; r += n_gwarps) {
+      const float e = load_weight(p.e_proj + r);  // (loaded first: its wait overlaps the row's)
+      const scalar_t* rows[1] = {p.adapter + (int64_t)r * 2 * h};
+      float dot[1];
+      warp_dot<scalar_t, 1>(rows, s, h, dot);
+      if (lane == 0) p.s_adapted[r] = round_to<scalar_t>(dot[0] + e);
+    }
+    grid.sync();
+
+    for (int j = 0; j < p.R; j++) {
+      const scalar_t* const* w = p.w[j];
+      scalar_t* k_cache = p.k_cache[step * p.R + j];
+      scalar_t* v_cache = p.v_cache[step * p.R + j];
+
+      // ---- B: x = norm_1(s); qkv = Wqkv x; bias + RoPE; q -> scratch, k, v -> the cache at pos ----
+      if (j == 0) {
+        for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = __ldcg(p.s_adapted + i);
+      }  // (else s is already norm_4 of the previous block, below)
+      rmsnorm_block<scalar_t>(s, w[bw::NORM_1], norm_w(j, bw::NORM_1), x, h, eps, red);
+      for (int pair = gwarp; pair < 3 * h / 2; pair += n_gwarps) {
+        const int row = 2 * pair;  // rows (row, row + 1) of Wqkv: one rotation pair (x[2i], x[2i+1])
+        const int part = row / h, c = row % h, head = c / hs, d = c % hs;  // part 0, 1, 2 = q, k, v; d even
+        // the bias (flat index part * h + c = row) and the angle, loaded before the rows: one wait for all
+        float bias[2] = {0.f, 0.f}, cs = 1.f, sn = 0.f;
+        if (part < 2) {
+          bias[0] = load_weight(w[bw::QK_BIAS] + row);
+          bias[1] = load_weight(w[bw::QK_BIAS] + row + 1);
+          cs = load_weight(p.cos + d / 2);
+          sn = load_weight(p.sin + d / 2);
+        }
+        const scalar_t* rows[2] = {w[bw::WQKV] + (int64_t)row * h, w[bw::WQKV] + (int64_t)(row + 1) * h};
+        float dot[2];
+        warp_dot<scalar_t, 2>(rows, x, h, dot);
+        if (lane == 0) {
+          float a = round_to<scalar_t>(dot[0]), b = round_to<scalar_t>(dot[1]);  // the GEMV output, as stored
+          if (part < 2) {  // q, k: + qk_bias[part], then rotate (as rope.cu)
+            a = round_to<scalar_t>(a + bias[0]);
+            b = round_to<scalar_t>(b + bias[1]);
+            const float a_rot = round_to<scalar_t>(round_to<scalar_t>(a * cs) - round_to<scalar_t>(b * sn));
+            const float b_rot = round_to<scalar_t>(round_to<scalar_t>(a * sn) + round_to<scalar_t>(b * cs));
+            a = a_rot;
+            b = b_rot;
+          }
+          if (part == 0) {
+            p.q[c] = a;  // (nh, hs): c = head * hs + d
+            p.q[c + 1] = b;
+          } else {
+            scalar_t* dst = (part == 1 ? k_cache : v_cache) + ((int64_t)head * L + pos) * hs + d;
+            dst[0] = static_cast<scalar_t>(a);
+            dst[1] = static_cast<scalar_t>(b);
+          }
+        }
+      }
+      grid.sync();
+
+      // ---- C: per (head, slice of attn.proj rows): attention of the head, times its hs columns ----
+      const int rows_per_chunk = (h + p.attn_chunks - 1) / p.attn_chunks;
+      for (int item = blockIdx.x; item < nh * p.attn_chunks; item += gridDim.x) {
+        const int head = item % nh, chunk = item / nh;
+        const scalar_t* K = k_cache + (int64_t)head * L * hs;  // (L, hs), rows 0 .. pos are read
+        const scalar_t* V = v_cache + (int64_t)head * L * hs;
+        __syncthreads();  // the previous item's readers of q, prob, att are done
+        for (int d = threadIdx.x; d < hs; d += blockDim.x) q[d] = __ldcg(p.q + head * hs + d);
+        __syncthreads();
+        // scores, a thread per key; then softmax over the pos + 1 keys
+        float m = -INFINITY;
+        for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
+          prob[t] = thread_dot(K + (int64_t)t * hs, q, hs) * p.attn_scale;
+          m = fmaxf(m, prob[t]);
+        }
+        m = block_max(m, red);
+        float l = 0.f;
+        for (int t = threadIdx.x; t <= pos; t += blockDim.x) {  // each thread its own keys: no barrier
+          prob[t] = expf(prob[t] - m);
+          l += prob[t];
+        }
+        l = block_sum(l, red);  // (its barriers also publish prob[] to the whole block)
+        // P V: G groups of keys, a thread per (group, pair of dimensions): neighbouring threads read
+        // neighbouring pairs of a row; then the G partial sums of each dimension are added. The key
+        // loop is unrolled so that each thread has 8 loads in flight, not one L2 wait per key.
+        const int pairs = hs / 2, G = max(1, (int)blockDim.x / pairs);
+        for (int idx = threadIdx.x; idx < G * pairs; idx += blockDim.x) {
+          const int g = idx / pairs, d = 2 * (idx % pairs);
+          float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll 8
+          for (int t = g; t <= pos; t += G) {
+            float v[2];
+            load_data_pair(V + (int64_t)t * hs + d, v);
+            acc0 = fmaf(prob[t], v[0], acc0);
+            acc1 = fmaf(prob[t], v[1], acc1);
+          }
+          part[g * hs + d] = acc0;
+          part[g * hs + d + 1] = acc1;
+        }
+        __syncthreads();
+        for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+          float acc = 0.f;
+          for (int g = 0; g < G; g++) acc += part[g * hs + d];
+          att[d] = round_to<scalar_t>(acc / l);  // SDPA's output, as stored
+        }
+        __syncthreads();
+        // this head's share of attn.proj for rows r0 .. r1 - 1: y_heads[head][r] = proj[r, head cols] . att,
+        // 4 rows per warp at once (a row is only hs long: one L2 wait for 4 of them)
+        const int r0 = chunk * rows_per_chunk, r1 = min(h, r0 + rows_per_chunk);
+        for (int r = r0 + warp; r < r1; r += 4 * kWarps) {
+          const scalar_t* rows[4];
+#pragma unroll
+          for (int k = 0; k < 4; k++) {  // (past r1: repeat the last row, and drop its result)
+            rows[k] = w[bw::ATTN_PROJ] + (int64_t)min(r + k * kWarps, r1 - 1) * h + head * hs;
+          }
+          float dot[4];
+          warp_dot<scalar_t, 4>(rows, att, hs, dot);
+          if (lane == 0) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+              if (r + k * kWarps < r1) p.y_heads[head * h + r + k * kWarps] = dot[k];
+            }
+          }
+        }
+      }
+      grid.sync();
+
+      // ---- D: s = norm_2(s + attn.proj y); x = norm_3(s); u = silu(gate) * up, [gate; up] = fc x ----
+      for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float y = 0.f;
+        for (int head = 0; head < nh; head++) y += __ldcg(p.y_heads + head * h + i);
+        s[i] = round_to<scalar_t>(s[i] + round_to<scalar_t>(y));  // attn.proj's output, then s + y, as stored
+      }
+      rmsnorm_block<scalar_t>(s, w[bw::NORM_2], norm_w(j, bw::NORM_2), s, h, eps, red);
+      rmsnorm_block<scalar_t>(s, w[bw::NORM_3], norm_w(j, bw::NORM_3), x, h, eps, red);
+      for (int i = gwarp; i < I; i += n_gwarps) {
+        const scalar_t* rows[2] = {w[bw::FC] + (int64_t)i * h, w[bw::FC] + (int64_t)(I + i) * h};
+        float dot[2];
+        warp_dot<scalar_t, 2>(rows, x, h, dot);
+        if (lane == 0) {
+          const float gate = round_to<scalar_t>(dot[0]), up = round_to<scalar_t>(dot[1]);
+          p.u[i] = round_to<scalar_t>(round_to<scalar_t>(gate / (1.f + expf(-gate))) * up);  // as swiglu.cu
+        }
+      }
+      grid.sync();
+
+      // ---- E: y_mlp = mlp.proj u ----
+      for (int i = threadIdx.x; i < I; i += blockDim.x) x[i] = __ldcg(p.u + i);
+      __syncthreads();
+      for (int r = gwarp; r < h; r += n_gwarps) {
+        const scalar_t* rows[1] = {w[bw::MLP_PROJ] + (int64_t)r * I};
+        float dot[1];
+        warp_dot<scalar_t, 1>(rows, x, I, dot);
+        if (lane == 0) p.y_mlp[r] = round_to<scalar_t>(dot[0]);
+      }
+      grid.sync();
+
+      // s = norm_4(s + y_mlp): the state after core block j, in every block
+      for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = round_to<scalar_t>(s[i] + __ldcg(p.y_mlp + i));
+      rmsnorm_block<scalar_t>(s, w[bw::NORM_4], norm_w(j, bw::NORM_4), s, h, eps, red);
+    }
+  }
+  if (blockIdx.x == 0) {  // (s_out may be s_in: every block read s_in before the first barrier)
+    for (int i = threadIdx.x; i < h; i += blockDim.x) p.s_out[i] = static_cast<scalar_t>(s[i]);
+  }
+}
+
+// --- the launcher ----------------------------------------------------------------------------------
+
+inline int env_int(const char* name, int fallback) {  // read at every call: a benchmark may change it
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
+template <typename scalar_t>
+void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+                         at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
+                         at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
+                         int64_t n_head, double eps, at::Tensor& out) {
+  const int h = (int)s.size(2), nh = (int)n_head, hs = h / nh, R = (int)(block_weights.size() / bw::COUNT);
+  const int I = (int)block_weights[bw::FC].size(0) / 2, L = (int)k_cache[0].size(2);
+  const int device = s.get_device();
+
+  // scratch: s_adapted (h), q (h), y_heads (nh * h), u (I), y_mlp (h)
+  at::Tensor scratch = at::empty({3 * h + nh * h + I}, s.options().dtype(at::kFloat));
+  DecodeParams<scalar_t> p{};
+  p.s_adapted = scratch.data_ptr<float>();
+  p.q = p.s_adapted + h;
+  p.y_heads = p.q + h;
+  p.u = p.y_heads + nh * h;
+  p.y_mlp = p.u + I;
+  p.e_proj = e_proj.data_ptr<scalar_t>();
+  p.adapter = adapter_weight.data_ptr<scalar_t>();
+  p.cos = cos.data_ptr<scalar_t>();
+  p.sin = sin.data_ptr<scalar_t>();
+  for (int j = 0; j < R; j++) {
+    for (int k = 0; k < bw::COUNT; k++) p.w[j][k] = block_weights[j * bw::COUNT + k].data_ptr<scalar_t>();
+  }
+  p.h = h, p.I = I, p.n_head = nh, p.hs = hs, p.R = R, p.pos = (int)pos, p.L = L;
+  p.eps = (float)eps;
+  p.attn_scale = 1.f / std::sqrt((float)hs);
+
+  // The grid: every block resident at once (cooperative launch), at most one per SM (a barrier
+  // waits for the slowest block; more blocks on an SM would only share its bandwidth), and no more
+  // than the widest phase has warp tasks for.
+  auto kernel = decode_steps_kernel<scalar_t>;
+  size_t smem = sizeof(float) * decode_smem_floats(h, I, hs, (int)pos);
+  int coop = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  TORCH_CHECK(coop, "decode_steps: this GPU does not support cooperative launches");
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t norms_bytes = sizeof(float) * kNormsPerBlock * R * h;
+  p.norms_in_smem = smem + norms_bytes <= 96 * 1024 && env_int("MINIRD_DECODE_NORMS_IN_SMEM", 1) != 0;
+  if (p.norms_in_smem) smem += norms_bytes;
+  TORCH_CHECK(smem + 32 * sizeof(float) <= (size_t)smem_optin, "decode_steps: h=", h, ", I=", I, ", pos=", pos,
+              " need ", smem, " bytes of shared memory per block, more than this GPU's ", smem_optin);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(per_sm >= 1, "decode_steps: the kernel does not fit on one SM (shared memory ", smem, " bytes)");
+  const int resident = sm_count();  // one block per SM (per_sm >= 1 guarantees they fit)
+  const int widest = std::max({h, 3 * h / 2, I});  // warp tasks of phases A, B, D, E
+  int blocks = std::min(resident, (widest + kWarps - 1) / kWarps);
+  const int forced = env_int("MINIRD_DECODE_BLOCKS", 0);
+  if (forced > 0) blocks = std::min(forced, per_sm * resident);
+  // Phase C: a block per (head, slice of attn.proj rows). More slices use more SMs but re-read the
+  // head's keys and values once per slice: at most ~2 MB of them per phase.
+  const int64_t kv_bytes = 2LL * (pos + 1) * h * (int64_t)sizeof(scalar_t);  // all heads' keys and values
+  int64_t chunks = std::max(1, blocks / nh);
+  chunks = std::min<int64_t>(chunks, (h + kWarps - 1) / kWarps);  // at least a row per warp
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (2LL << 20) / kv_bytes));
+  p.attn_chunks = (int)std::max<int64_t>(1, chunks);
+
+  // All steps in one launch, unless there are more (step, block) cache entries than the kernel's
+  // arguments hold: then a launch per kMaxEntries / R steps, each starting from the last one's state.
+  const int steps_per_launch = kMaxEntries / R;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t first = 0; first < num_steps; first += steps_per_launch) {
+    const int n = (int)std::min<int64_t>(steps_per_launch, num_steps - first);
+    p.num_steps = n;
+    p.s_in = first == 0 ? s.data_ptr<scalar_t>() : out.data_ptr<scalar_t>();
+    p.s_out = out.data_ptr<scalar_t>();
+    for (int e = 0; e < n * R; e++) {
+      p.k_cache[e] = k_cache[first * R + e].data_ptr<scalar_t>();
+      p.v_cache[e] = v_cache[first * R + e].data_ptr<scalar_t>();
+    }
+    void* args[] = {&p};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks), dim3(kThreads), args,
+                                               smem, stream));
+  }
+}
+
+}  // namespace
+
+at::Tensor decode_steps_cuda(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+                             at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
+                             at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
+                             int64_t n_head, double eps) {
+  check_decode_steps_args(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
+                          n_head);
+  const c10::cuda::OptionalCUDAGuard guard(s.device());
+  at::Tensor out = at::empty_like(s);
+  if (num_steps == 0) return out.copy_(s);
+  if (s.scalar_type() == at::kFloat) {
+    launch_decode_steps<float>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
+                               n_head, eps, out);
+  } else {
+    launch_decode_steps<at::BFloat16>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos,
+                                      num_steps, n_head, eps, out);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(minird, CUDA, m) { m.impl("decode_steps", &decode_steps_cuda); }
+
+}  // namespace minird
