@@ -6,9 +6,11 @@ Complete prompts with a trained model at a chosen number of recurrent steps, and
     python sample.py --steps 4 --prompt "k5;bk;xb;?x"   # your own program, ending in a query
     python sample.py --steps 8 --trace                  # the answer decoded after every step
     python sample.py --steps 32 --criterion kl          # adaptive exit: the steps each answer used
+    python sample.py --steps 32 --draft_steps 2 --new_tokens 8   # self-speculative decoding, same output
 
 A prompt is a program of two-character statements (`k5`: k = 5, `bk`: b = k) ending in a query
 `?name`; the model writes the answer digit (greedy) and minird.data.solve says whether it is right.
+All prompts go through generate as one batch, padded on the left (each row as if it were alone).
 """
 
 import argparse
@@ -19,7 +21,7 @@ import sys
 import torch
 
 from minird.data import DIGITS, NAMES, sample_extrapolation_problems, solve
-from minird.model import EXIT_THRESHOLDS
+from minird.model import EXIT_THRESHOLDS, left_pad, parse_lookup_strategy
 from minird.utils import load_model
 
 
@@ -49,7 +51,7 @@ def parse_threshold(text):
     raise argparse.ArgumentTypeError(f"expected auto or a non-negative number, got {text!r}")
 
 
-def parse_min_steps(text):
+def parse_positive(text):
     """A positive integer."""
     try:
         if int(text) >= 1:
@@ -57,6 +59,15 @@ def parse_min_steps(text):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+
+
+def parse_strategy(text):
+    """'full' or 'compress-sN' (minird.model.parse_lookup_strategy)."""
+    try:
+        parse_lookup_strategy(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 parser = Parser(description="Complete and check prompts with a trained minird checkpoint.")
@@ -72,7 +83,18 @@ parser.add_argument("--criterion", default="none", choices=["none", *EXIT_THRESH
                          "--steps is then the cap, and the table shows the steps the answer used")
 parser.add_argument("--exit_threshold", type=parse_threshold, default="auto",
                     help="threshold of --criterion (auto: the official defaults, minird.model.EXIT_THRESHOLDS)")
-parser.add_argument("--min_steps", type=parse_min_steps, default=1, help="adaptive exit: steps every token runs at least")
+parser.add_argument("--min_steps", type=parse_positive, default=1,
+                    help="adaptive exit: steps every token runs at least")
+parser.add_argument("--cache_lookup_strategy", type=parse_strategy, default="full",
+                    help="KV cache: full (one entry per step and core layer) or compress-sN (N shared slots)")
+parser.add_argument("--draft_steps", type=parse_positive, default=None,
+                    help="self-speculative decoding: draft tokens at this many steps, verify them at r in one "
+                         "forward (same output as without; needs --new_tokens > 1 to draft anything)")
+parser.add_argument("--lookahead_for_draft", type=parse_positive, default=8,
+                    help="self-speculative decoding: tokens drafted per round")
+parser.add_argument("--new_tokens", type=parse_positive, default=1,
+                    help="tokens written after each prompt: the answer, then what the model writes next "
+                         "(printed after the table)")
 parser.add_argument("--trace", action="store_true",
                     help="also decode the latent state after every step 1..r (r = the largest --steps) "
                          "and show how the answer and its probability change")
@@ -130,27 +152,33 @@ def main():
         block_size, mean_r = model.config.block_size, model.config.mean_recurrence
         prompts = [(p, None) for p in args.prompt] if args.prompt else default_prompts(corpus, args.seed)
         wanted = [expected_answer(p, tokenizer, block_size) for p, _ in prompts]
+        steps = args.steps or [mean_r]
+        torch.manual_seed(args.seed)  # s0 is noise when the model was trained with init_scale > 0
+        # all prompts in one batch, padded on the left: generate masks the padding out
+        idx, attention_mask = left_pad([tokenizer.encode(p) for p, _ in prompts])
+        runs = {r: model.generate(idx, args.new_tokens, num_steps=r, criterion=args.criterion,
+                                  exit_threshold=args.exit_threshold, min_steps=args.min_steps,
+                                  cache_lookup_strategy=args.cache_lookup_strategy, attention_mask=attention_mask,
+                                  draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft,
+                                  return_steps=True, return_stats=True)
+                for r in steps}
     except ValueError as err:
         sys.exit(f"sample.py: {err}")
-    steps = args.steps or [mean_r]
-    torch.manual_seed(args.seed)  # s0 is noise when the model was trained with init_scale > 0
+    T = idx.size(1)
 
     print(f"{args.ckpt}: {model.num_params():,} parameters, trained with mean r = {mean_r}, "
           f"effective depth P + R*r + C = " + ", ".join(f"{model.effective_depth(r)} at r={r}" for r in steps))
     width = 9 if args.criterion != "none" else 6  # room for the steps used
     print(f"{'hops':>4} {'want':>4} | " + " ".join(f"{f'r={r}':<{width}}" for r in steps) + " | prompt")
     right = [0] * len(steps)
-    for (prompt, hops), want in zip(prompts, wanted):
-        idx = torch.tensor([tokenizer.encode(prompt)])
+    for b, ((prompt, hops), want) in enumerate(zip(prompts, wanted)):
         cells = []
         for i, r in enumerate(steps):
-            out, used = model.generate(idx, max_new_tokens=1, num_steps=r, criterion=args.criterion,
-                                       exit_threshold=args.exit_threshold, min_steps=args.min_steps,
-                                       return_steps=True)
-            answer = tokenizer.decode(out[0, -1:].tolist())
+            out, used, _ = runs[r]
+            answer = tokenizer.decode([out[b, T].item()])
             right[i] += answer == want
             cells.append(f"{repr(answer)[1:-1]} {'ok' if answer == want else 'x'}"  # repr: a newline shows as \n
-                         + (f" {used[0, -1].item()}" if args.criterion != "none" else ""))
+                         + (f" {used[b, T - 1].item()}" if args.criterion != "none" else ""))
         label = "" if hops is None else f"{hops}*" if hops > corpus.max_hops else str(hops)
         print(f"{label:>4} {want:>4} | " + " ".join(f"{c:<{width}}" for c in cells) + f" | {prompt}")
     print(f"{'right':>9} | " + " ".join(f"{f'{n}/{len(prompts)}':<{width}}" for n in right))
@@ -159,6 +187,17 @@ def main():
     if args.criterion != "none":
         print(f"adaptive exit ({args.criterion}, threshold {args.exit_threshold}): r is the cap; "
               "the number after each verdict is the steps the answer used")
+    if args.new_tokens > 1:
+        for r in steps:
+            print(f"\nwritten after each prompt at r={r} (the model was trained to write answers only):")
+            for b, (prompt, _) in enumerate(prompts):
+                print(f"  {prompt} -> {tokenizer.decode(runs[r][0][b, T:].tolist())!r}")
+    if args.draft_steps is not None:
+        for r in steps:
+            stats = runs[r][2]
+            print(f"self-speculative decoding at r={r}: drafts of {args.lookahead_for_draft} tokens at "
+                  f"{args.draft_steps} steps, {stats.accepted}/{stats.drafted} drafted tokens kept "
+                  f"({100 * stats.acceptance_rate:.0f}%), {stats.forwards} forwards")
     if args.trace:
         for (prompt, _), want in zip(prompts, wanted):
             torch.manual_seed(args.seed)

@@ -7,9 +7,11 @@ Time one recurrent step (adapter + R core blocks) five ways, on every device her
 eager           RecurrentDepthLM.core_step, the pure-PyTorch reference
 torch.compile   the same Python loop under torch.compile (default mode)
 CUDA graph      the eager loop captured once and replayed (CUDA only)
-minird          the fused ops: recurrent_steps (one C++ call for all r steps) at decode,
+minird          the fused ops: recurrent_steps_cached (one C++ call for all r steps) at decode,
                 ops.core_step + autograd in training
 minird + graph  the same, captured and replayed (CUDA only)
+decode kernel   decode only, CUDA only: decode_steps, all r steps of the token in one persistent kernel
+                (+ graph: captured and replayed)
 
 Cases (SPEC section 4): (a) decode: B=1, one new token after a KV cache of 128 tokens, r=4 steps
 for the token, h=256 and 1024; bf16 on GPU, fp32 on CPU. (b) training: B=64, T=256, h=256,
@@ -40,15 +42,6 @@ CACHE = 128    # decode: tokens already in the KV cache
 def bench_config(h):
     return GPTConfig(vocab_size=256, block_size=512, n_embd=h, n_head=h // 64, intermediate_size=4 * h,
                      n_layers_in_recurrent_block=R, mean_recurrence=STEPS, use_kernels=False)
-
-
-class ReadOnlyKVCache(KVCache):
-    """Does what KVCache.update does (concatenate past and new keys) without storing the result,
-    so that timing the same decode step many times does not grow the cache."""
-
-    def update(self, key, k, v):
-        past_k, past_v = self.entries[key]
-        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
 
 # -----------------------------------------------------------------------------
@@ -137,18 +130,18 @@ def decode_case(device, dtype, h):
     torch.manual_seed(0)
     model = RecurrentDepthLM(bench_config(h)).to(device, dtype).eval()
     W, nh, eps = model.adapter.weight, model.core[0].attn.n_head, model.core[0].norm_1.eps
-    filled = KVCache()
+    # The cache holds CACHE tokens; every timed call writes the new token at position CACHE (the
+    # same place each time: the cache does not grow while the step is repeated).
+    cache = KVCache(bench_config(h).block_size, n_core_layers=R)
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, CACHE), device=device), num_steps=STEPS, kv_cache=filled)
-    cache = ReadOnlyKVCache()
-    cache.entries = filled.entries
+        model(torch.randint(0, 256, (1, CACHE), device=device), num_steps=STEPS, kv_cache=cache)
     cos, sin = model.rope_cos[CACHE:CACHE + 1], model.rope_sin[CACHE:CACHE + 1]
     mask = torch.ones(1, CACHE + 1, dtype=torch.bool, device=device)  # what model.forward passes
     s = torch.randn(1, 1, h, device=device, dtype=dtype)
     e = torch.randn(1, 1, h, device=device, dtype=dtype)
     keys = [("core", step, j) for step in range(STEPS) for j in range(R)]
-    past_k = [cache.entries[key][0] for key in keys]
-    past_v = [cache.entries[key][1] for key in keys]
+    k_cache = [cache.entries[key][0] for key in keys]
+    v_cache = [cache.entries[key][1] for key in keys]
     weights = ops.block_weights(model.core)
 
     def eager_steps(s, e):
@@ -156,17 +149,23 @@ def decode_case(device, dtype, h):
             s = model.core_step(s, e, cos, sin, step, cache, mask)
         return s
 
-    def minird_steps(s, e):
-        e_proj = F.linear(e, W[:, h:])
-        return ops.recurrent_steps(s, e_proj, W, weights, cos, sin, past_k, past_v, STEPS, nh, eps)[0]
+    def fused_steps(steps, *mask):
+        return lambda s, e: steps(s, F.linear(e, W[:, h:]), W, weights, cos, sin, *mask, k_cache, v_cache, CACHE,
+                                  STEPS, nh, eps)
 
     compiled = torch.compile(eager_steps)
     variants = {"eager": lambda: eager_steps(s, e), "torch.compile": lambda: compiled(s, e)}
+    fused = {}
     if ops.kernels_available(device):
-        variants["minird"] = lambda: minird_steps(s, e)
+        fused["minird"] = fused_steps(ops.recurrent_steps_cached, None)
+    if device == "cuda" and ops._HAS_DECODE_KERNEL:
+        fused["decode kernel"] = fused_steps(ops.decode_steps)
+    for name, steps in fused.items():
+        variants[name] = lambda steps=steps: steps(s, e)
         with torch.no_grad():
-            err = (minird_steps(s, e).float() - eager_steps(s, e).float()).norm() / eager_steps(s, e).float().norm()
-        print(f"  decode h={h}: minird vs eager, relative difference {err.item():.1e}")
+            ref = eager_steps(s, e).float()
+            err = (steps(s, e).float() - ref).norm() / ref.norm()
+        print(f"  decode h={h}: {name} vs eager, relative difference {err.item():.1e}")
     kv_bytes = 2 * R * (CACHE + 1) * h * s.element_size()
     floor_bytes = step_params(model) * s.element_size() + kv_bytes
     floor_flops = 2 * step_params(model) + 4 * R * (CACHE + 1) * h
@@ -217,7 +216,7 @@ def run_device(device):
               torch.enable_grad),
              (f"decode h=1024 B=1 cache={CACHE}", lambda: decode_case(device, dtype, 1024), torch.no_grad)]
     columns = ["eager", "torch.compile"] + (["CUDA graph"] if device == "cuda" else []) + ["minird"]
-    columns += ["minird + graph"] if device == "cuda" else []
+    columns += ["minird + graph", "decode kernel", "decode kernel + graph"] if device == "cuda" else []
     print(f"\n{name}, {dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"measured {bw / 1e9:.0f} GB/s copy, {peak / 1e12:.2f} TFLOP/s matmul")
     stat = "median" if device == "cuda" else "fastest of the repeats"
@@ -231,7 +230,8 @@ def run_device(device):
         with grad_mode():
             variants, floor_bytes, floor_flops = make()
             if device == "cuda":
-                for graphed, base in (("CUDA graph", "eager"), ("minird + graph", "minird")):
+                for graphed, base in (("CUDA graph", "eager"), ("minird + graph", "minird"),
+                                      ("decode kernel + graph", "decode kernel")):
                     if base in variants:
                         try:
                             variants[graphed] = cuda_graph(variants[base])
@@ -245,7 +245,8 @@ def run_device(device):
                     print(f"  {label} / {k}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             counts = {}
             if device == "cuda":  # launches per step, from the profiler: what the time is made of
-                counts = {k: kernels_per_step(variants[k]) for k in ("eager", "minird") if k in variants}
+                counts = {k: kernels_per_step(variants[k]) for k in ("eager", "minird", "decode kernel")
+                          if k in variants}
         t_bytes, t_flops = floor_bytes / bw * 1e6, floor_flops / peak * 1e6
         cells = [f"{label:<34}"]
         cells += [f"{us[c]:8.1f} ({us['eager'] / us[c]:4.2f}x)" if c in us and "eager" in us else f"{'n/a':>16}"

@@ -7,8 +7,11 @@ The ops (schemas in csrc/ops.cpp; each kernel file says what it fuses and why):
     add_rmsnorm(x, y, w, w_next)   norm(x + y) * w, and norm of that * w_next, in one pass
     swiglu(gate_up)                silu(gate) * up
     qk_bias_rope(qkv, ...)         split heads, add the q/k bias, rotate q and k
+    qk_bias_rope_cache(qkv, ...)   the same at inference, k and v written straight into the KV cache
     adapter(s, e_proj, W)          W [s; e] with W_e e computed once per forward, not once per step
     recurrent_steps(...)           num_steps whole steps (adapter + R blocks) in one C++ call
+    recurrent_steps_cached(...)    the same with a KV cache, written in place
+    decode_steps(...)              the same for one new token, in one persistent CUDA kernel
 
 The plain PyTorch code in minird/model.py is the specification: with the kernels on or off the
 model computes the same function (tests/test_ops.py checks it). Kernels are off when minird._C
@@ -35,6 +38,7 @@ ENABLED = BUILT and os.environ.get("MINIRD_KERNELS", "1") != "0"
 # inside a torch.compile'd forward is a constant lookup.
 _HAS_KERNELS = {dev: ENABLED and torch._C._dispatch_has_kernel_for_dispatch_key("minird::swiglu", key)
                 for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+_HAS_DECODE_KERNEL = ENABLED and torch._C._dispatch_has_kernel_for_dispatch_key("minird::decode_steps", "CUDA")
 
 
 def kernels_available(device_type):
@@ -67,10 +71,31 @@ def adapter(s, e_proj, weight):
     return torch.ops.minird.adapter(s, e_proj, weight)
 
 
-def recurrent_steps(s, e_proj, adapter_weight, block_weights, cos, sin, past_k, past_v, num_steps, n_head, eps):
-    """num_steps steps in one C++ call (no autograd: for steps run under torch.no_grad)."""
-    return torch.ops.minird.recurrent_steps(s, e_proj, adapter_weight, block_weights, cos, sin, past_k, past_v,
-                                            num_steps, n_head, eps)
+def qk_bias_rope_cache(qkv, qk_bias, cos, sin, n_head, k_cache, v_cache, pos):
+    """qkv (B, T, 3h) -> q (B, nh, T, hs); k and v are written into k_cache, v_cache (B, nh, L, hs)
+    at positions pos .. pos + T - 1 (inference only)."""
+    return torch.ops.minird.qk_bias_rope_cache(qkv, qk_bias, cos, sin, n_head, k_cache, v_cache, pos)
+
+
+def recurrent_steps(s, e_proj, adapter_weight, block_weights, cos, sin, mask, num_steps, n_head, eps):
+    """num_steps steps in one C++ call (no autograd: for steps run under torch.no_grad). mask: None
+    (causal) or the attention mask of model.forward."""
+    return torch.ops.minird.recurrent_steps(s, e_proj, adapter_weight, block_weights, cos, sin, mask, num_steps,
+                                            n_head, eps)
+
+
+def recurrent_steps_cached(s, e_proj, adapter_weight, block_weights, cos, sin, mask, k_cache, v_cache, pos,
+                           num_steps, n_head, eps):
+    """recurrent_steps with a KV cache: k_cache, v_cache hold num_steps * R buffers (B, nh, L, hs),
+    one per (step, block), written at positions pos .. pos + T - 1."""
+    return torch.ops.minird.recurrent_steps_cached(s, e_proj, adapter_weight, block_weights, cos, sin, mask,
+                                                   k_cache, v_cache, pos, num_steps, n_head, eps)
+
+
+def decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps):
+    """recurrent_steps_cached for one new token (B = T = 1), in one CUDA kernel launch."""
+    return torch.ops.minird.decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache,
+                                         pos, num_steps, n_head, eps)
 
 
 if BUILT:
@@ -166,12 +191,22 @@ if BUILT:
 
     torch.library.register_autograd("minird::adapter", _adapter_backward, setup_context=_adapter_setup)
 
+    @torch.library.register_fake("minird::qk_bias_rope_cache")
+    def _(qkv, qk_bias, cos, sin, n_head, k_cache, v_cache, pos):
+        B, T, h3 = qkv.shape
+        return qkv.new_empty(B, n_head, T, h3 // 3 // n_head)
+
     @torch.library.register_fake("minird::recurrent_steps")
-    def _(s, e_proj, adapter_weight, block_weights, cos, sin, past_k, past_v, num_steps, n_head, eps):
-        B, T, h = s.shape
-        new_k = [k.new_empty(B, n_head, k.size(2) + T, h // n_head) for k in past_k]
-        new_v = [v.new_empty(B, n_head, v.size(2) + T, h // n_head) for v in past_v]
-        return torch.empty_like(s), new_k, new_v
+    def _(s, e_proj, adapter_weight, block_weights, cos, sin, mask, num_steps, n_head, eps):
+        return torch.empty_like(s)
+
+    @torch.library.register_fake("minird::recurrent_steps_cached")
+    def _(s, e_proj, adapter_weight, block_weights, cos, sin, mask, k_cache, v_cache, pos, num_steps, n_head, eps):
+        return torch.empty_like(s)
+
+    @torch.library.register_fake("minird::decode_steps")
+    def _(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps):
+        return torch.empty_like(s)
 
 
 # -----------------------------------------------------------------------------
@@ -220,7 +255,7 @@ def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=
     e_proj = F.linear(e, model.adapter.weight[:, h:])  # W_e e: once per forward, reused by every step
     if n_no_grad > 0:
         with torch.no_grad():
-            s = _steps_in_cpp(model, s, e_proj, cos, sin, 0, n_no_grad, kv_cache)
+            s = _steps_in_cpp(model, s, e_proj, cos, sin, mask, n_no_grad, kv_cache)
     states = []
     for step in range(n_no_grad, n_no_grad + n_grad):
         s = core_step(model, s, e_proj, cos, sin, step, kv_cache, mask)
@@ -228,20 +263,21 @@ def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=
     return states if keep_states else s
 
 
-def _steps_in_cpp(model, s, e_proj, cos, sin, first_step, num_steps, kv_cache):
-    """Steps first_step .. first_step + num_steps - 1 through recurrent_steps, keeping kv_cache."""
+def _steps_in_cpp(model, s, e_proj, cos, sin, mask, num_steps, kv_cache):
+    """Steps 0 .. num_steps - 1 in one C++ call, writing kv_cache in place; one new token on CUDA
+    (decode) runs in the persistent decode_steps kernel."""
     core = model.core
-    R, n_head, B = len(core), core[0].attn.n_head, s.size(0)
-    keys = [("core", step, j) for step in range(first_step, first_step + num_steps) for j in range(R)]
-    past_k, past_v = [], []
-    if kv_cache is not None:
-        empty = s.new_empty(B, n_head, 0, s.size(-1) // n_head)  # a key's first call: nothing cached yet
-        for key in keys:
-            k, v = kv_cache.entries.get(key, (empty, empty))
-            past_k.append(k)
-            past_v.append(v)
-    s, new_k, new_v = recurrent_steps(s, e_proj, model.adapter.weight, block_weights(core), cos, sin, past_k,
-                                      past_v, num_steps, n_head, core[0].norm_1.eps)
-    for key, k, v in zip(keys, new_k, new_v):  # already past + new: store as KVCache.update would
-        kv_cache.entries[key] = (k, v)
-    return s
+    R, n_head, eps = len(core), core[0].attn.n_head, core[0].norm_1.eps
+    weights = block_weights(core)
+    if kv_cache is None:
+        return recurrent_steps(s, e_proj, model.adapter.weight, weights, cos, sin, mask, num_steps, n_head, eps)
+    B, T, h = s.shape
+    k_cache, v_cache = [], []
+    for key in [("core", step, j) for step in range(num_steps) for j in range(R)]:
+        k, v = kv_cache.buffers(key, B, n_head, h // n_head, s.dtype, s.device)
+        k_cache.append(k)
+        v_cache.append(v)
+    args = (k_cache, v_cache, kv_cache.seq_len, num_steps, n_head, eps)
+    if B == 1 and T == 1 and s.device.type == "cuda" and _HAS_DECODE_KERNEL:  # one token sees every cached one
+        return decode_steps(s, e_proj, model.adapter.weight, weights, cos, sin, *args)
+    return recurrent_steps_cached(s, e_proj, model.adapter.weight, weights, cos, sin, mask, *args)

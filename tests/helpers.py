@@ -29,13 +29,15 @@ def run_script(*args, timeout=300):
 # A Python warning as the warnings module prints it: "file:line: SomeWarning: text", then the
 # source line, indented.
 PYTHON_WARNING = re.compile(r"^\S+:\d+: \w*Warning: .*\n(?:  .*\n)?", re.MULTILINE)
+# minird.ops's own one-line notice (through logging) when the extension was not built.
+KERNELS_NOT_BUILT = re.compile(r"^minird: C\+\+/CUDA kernels not built .*\n", re.MULTILINE)
 
 
 def assert_one_line_error(result, *fragments):
     """A user error: exit code != 0, exactly one line on stderr naming the problem, no traceback.
     Warnings that the environment adds on their own lines (torch installed without numpy, minird
     without its compiled kernels) are not part of the error and are dropped first."""
-    lines = PYTHON_WARNING.sub("", result.stderr).strip().splitlines()
+    lines = KERNELS_NOT_BUILT.sub("", PYTHON_WARNING.sub("", result.stderr)).strip().splitlines()
     assert result.returncode != 0, result.stdout
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minird.model import KVCache, RecurrentDepthLM
+from minird.model import KVCache, RecurrentDepthLM, left_pad
 
 
 def make_model(config, seed=0):
@@ -150,7 +150,7 @@ def test_kv_cache_matches_full_forward(tiny_config):
     r = 3
     with torch.no_grad():
         full, _ = model(idx, num_steps=r, init_scale=0)
-        cache = KVCache()
+        cache = KVCache(c.block_size, n_core_layers=c.n_layers_in_recurrent_block)
         chunks = [model(idx[:, :6], num_steps=r, kv_cache=cache, init_scale=0)[0]]  # the prompt at once
         for t in range(6, idx.size(1)):  # then one token at a time
             chunks.append(model(idx[:, t:t + 1], num_steps=r, kv_cache=cache, init_scale=0)[0])
@@ -171,6 +171,48 @@ def test_generate_matches_greedy_full_forward(tiny_config):
             logits, _ = model(expected, num_steps=4)
             expected = torch.cat([expected, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
+
+
+def test_kv_cache_sharing(tiny_config):
+    """compress-sN: step i / core layer j use slot (i * R + j) mod N. With N >= R * num_steps every
+    pair keeps its own slot (= full); with N = R the cache holds one step's worth of core entries,
+    and a new token reads, at every step, the keys of the last step the earlier tokens ran."""
+    c = tiny_config
+    c.init_scale = 0.0
+    model = make_model(c).eval()
+    R, r, T = c.n_layers_in_recurrent_block, 4, 6
+    prompt = torch.randint(0, c.vocab_size, (2, T))
+    full = model.generate(prompt, 6, num_steps=r)
+    assert torch.equal(model.generate(prompt, 6, num_steps=r, cache_lookup_strategy=f"compress-s{R * r}"), full)
+
+    caches = {}
+    with torch.no_grad():
+        for strategy in ("full", f"compress-s{R}", f"compress-s{2 * R}"):
+            caches[strategy] = KVCache(c.block_size, strategy, R)
+            model(prompt, num_steps=r, kv_cache=caches[strategy])
+    outside = c.n_layers_in_prelude + c.n_layers_in_coda
+    for strategy, core_entries in (("full", r * R), (f"compress-s{R}", R), (f"compress-s{2 * R}", 2 * R)):
+        assert len(caches[strategy].entries) == outside + core_entries
+        assert caches[strategy].nbytes() * (outside + r * R) == caches["full"].nbytes() * (outside + core_entries)
+
+    # the next token on compress-sR == on a full cache whose core entries all hold the last step's keys
+    next_id = torch.randint(0, c.vocab_size, (2, 1))
+    full_cache = caches["full"]
+    for step in range(r - 1):
+        for j in range(R):
+            k, v = full_cache.entries[("core", r - 1, j)]
+            full_cache.entries[("core", step, j)] = (k.clone(), v.clone())
+    with torch.no_grad():
+        shared, _ = model(next_id, num_steps=r, kv_cache=caches[f"compress-s{R}"])
+        expected, _ = model(next_id, num_steps=r, kv_cache=full_cache)
+    torch.testing.assert_close(shared, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["compress-s0", "compress-4", "latest-m4", "compress-s"])
+def test_kv_cache_bad_strategy(tiny_config, strategy):
+    model = make_model(tiny_config).eval()
+    with pytest.raises(ValueError, match="cache_lookup_strategy must be 'full' or 'compress-sN' with N >= 1"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, cache_lookup_strategy=strategy)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -284,3 +326,106 @@ def test_continuous_compute_changes_s0_and_nothing_else(tiny_config):
     for start, previous_final in zip(starts[1:], finals):  # each token starts where the last one ended
         assert torch.equal(start, previous_final[:, -1:])
     assert torch.equal(cont[:, :6], plain[:, :6])  # the first new token comes from the prompt: unchanged
+
+
+# -----------------------------------------------------------------------------
+# self-speculative decoding and padded batches (the kernels, where built, run the same tests)
+
+# (device, use_kernels): the pure-PyTorch path, the CPU kernels, and on a GPU the CUDA kernels
+BACKENDS = [("cpu", False), ("cpu", True),
+            pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device,use_kernels", BACKENDS)
+def test_speculative_decoding_is_plain_greedy(tiny_config, device, use_kernels):
+    """Drafted at few steps, verified in one forward at num_steps, rolled back: the tokens (and the
+    steps of the tokens fed) are plain greedy decoding's, token for token, for any draft depth and
+    lookahead, in a batch or alone, up to block_size and with a stop token."""
+    tiny_config.init_scale, tiny_config.use_kernels = 0.0, use_kernels
+    model = make_model(tiny_config).eval().to(device)
+    r = 4
+    torch.manual_seed(1)
+    kept = []
+    for prompt in (torch.randint(0, tiny_config.vocab_size, (3, 5), device=device),
+                   torch.randint(0, tiny_config.vocab_size, (1, 9), device=device)):
+        plain, plain_steps = model.generate(prompt, 12, num_steps=r, return_steps=True)
+        for draft_steps in (1, 3, r):
+            for lookahead in (1, 3, 8):
+                out, steps, stats = model.generate(prompt, 12, num_steps=r, draft_steps=draft_steps,
+                                                   lookahead_for_draft=lookahead, return_steps=True, return_stats=True)
+                assert torch.equal(out, plain) and torch.equal(steps, plain_steps)
+                assert 0 <= stats.accepted <= stats.drafted <= lookahead * stats.rounds
+                # the prompt, then per round the drafted tokens and one verify: 1 + drafted + verifies
+                assert stats.forwards == 1 + stats.drafted + (12 - 1 - stats.accepted)
+                kept.append((stats.accepted, stats.drafted))
+                if draft_steps == r:  # the draft is the verifier: everything is kept
+                    assert stats.accepted == stats.drafted > 0
+    assert any(0 < a < d for a, d in kept)  # some rounds were rolled back part of the way
+    # to the end of the context, and stopping where plain decoding stops
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5), device=device)
+    plain = model.generate(prompt, 100, num_steps=r)
+    assert plain.size(1) == tiny_config.block_size
+    assert torch.equal(model.generate(prompt, 100, num_steps=r, draft_steps=2, lookahead_for_draft=5), plain)
+    stop = int(plain[0, 9])
+    stopped = model.generate(prompt, 100, num_steps=r, stop_token=stop)
+    assert torch.equal(model.generate(prompt, 100, num_steps=r, stop_token=stop, draft_steps=r, lookahead_for_draft=6),
+                       stopped)
+
+
+@pytest.mark.parametrize("device,use_kernels", BACKENDS)
+@pytest.mark.parametrize("criterion", ["none", "kl", "latent-diff"])
+def test_padded_batch_is_one_prompt_at_a_time(tiny_config, device, use_kernels, criterion):
+    """Prompts of different lengths, padded on the left, in one batch: every row's tokens, and the
+    steps its tokens used with adaptive exit, are those of the prompt alone; padding used 0 steps."""
+    tiny_config.init_scale, tiny_config.use_kernels = 0.0, use_kernels
+    model = make_model(tiny_config).eval().to(device)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, tiny_config.vocab_size, (n,)).tolist() for n in (3, 8, 1, 5)]
+    idx, attention_mask = (t.to(device) for t in left_pad(prompts, pad_id=7))
+    assert idx.shape == attention_mask.shape == (4, 8)
+    out, steps = model.generate(idx, 8, num_steps=6, criterion=criterion, attention_mask=attention_mask,
+                                return_steps=True)
+    assert out.shape == (4, 8 + 8) and torch.equal(out[:, :8], idx)
+    for b, prompt in enumerate(prompts):
+        alone, alone_steps = model.generate(torch.tensor([prompt], device=device), 8, num_steps=6,
+                                            criterion=criterion, return_steps=True)
+        pad = 8 - len(prompt)
+        assert torch.equal(out[b, pad:], alone[0]) and torch.equal(steps[b, pad:], alone_steps[0])
+        assert (steps[b, :pad] == 0).all()
+    # the pad id is never looked at
+    other_pad = model.generate(left_pad(prompts, pad_id=3)[0].to(device), 8, num_steps=6, criterion=criterion,
+                               attention_mask=attention_mask)
+    assert torch.equal(other_pad[:, 8:], out[:, 8:])
+
+
+def test_forward_with_attention_mask(tiny_config):
+    """forward: the logits of each row's tokens are those of the row alone; no NaN at the padding."""
+    model = make_model(tiny_config).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    idx, attention_mask = left_pad(prompts)
+    with torch.no_grad():
+        logits, _ = model(idx, num_steps=3, init_scale=0, attention_mask=attention_mask)
+        assert torch.isfinite(logits).all()
+        for b, prompt in enumerate(prompts):
+            alone, _ = model(torch.tensor([prompt]), num_steps=3, init_scale=0)
+            torch.testing.assert_close(logits[b, 6 - len(prompt):], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(draft_steps=0), "draft_steps must be an integer from 1 to num_steps = 4"),
+    (dict(draft_steps=5), "draft_steps must be an integer from 1 to num_steps = 4"),
+    (dict(draft_steps=2.0), "draft_steps must be an integer"),
+    (dict(draft_steps=2, lookahead_for_draft=0), "lookahead_for_draft must be an integer >= 1"),
+    (dict(draft_steps=2, temperature=0.8), "draft_steps needs temperature=0"),
+    (dict(draft_steps=2, criterion="kl"), "draft_steps needs criterion='none'"),
+    (dict(draft_steps=2, continuous_compute=True), "draft_steps does not go with continuous_compute"),
+    (dict(draft_steps=2, cache_lookup_strategy="compress-s2"), "draft_steps needs cache_lookup_strategy='full'"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0, 1]] * 2)), "pad on the left"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])), "pad on the left"),
+    (dict(attention_mask=torch.ones(2, 3)), "attention_mask must have idx's shape"),
+])
+def test_generate_bad_options(tiny_config, kwargs, fragment):
+    model = make_model(tiny_config).eval()
+    with pytest.raises(ValueError) as err:
+        model.generate(torch.zeros(2, 4, dtype=torch.long), 3, num_steps=4, **kwargs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

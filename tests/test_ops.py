@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.model import GPTConfig, RecurrentDepthLM, RMSNorm, apply_rope, precompute_rope
+from minird.model import GPTConfig, KVCache, RecurrentDepthLM, RMSNorm, apply_rope, precompute_rope
 
 pytestmark = pytest.mark.skipif(not ops.BUILT, reason="minird._C is not built")
 
@@ -132,6 +132,16 @@ def test_swiglu(device, dtype, shape):
 def test_qk_bias_rope(device, dtype, shape):
     torch.manual_seed(0)
     check_fwd_bwd(ops.qk_bias_rope, qk_bias_rope_ref, samples(device, dtype, *shape)["qk_bias_rope"], dtype)
+    # the inference form: k and v written into a cache (B, nh, L, hs) at pos .. pos + T - 1, the rest untouched
+    qkv, bias, cos, sin, n_head = (t.detach() if isinstance(t, torch.Tensor) else t
+                                   for t in samples(device, dtype, *shape)["qk_bias_rope"])
+    B, T, h3 = qkv.shape
+    pos, L = 3, T + 5
+    k_cache, v_cache = (torch.randn(B, n_head, L, h3 // 3 // n_head, device=device, dtype=dtype) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref, k_ref[:, :, pos:pos + T], v_ref[:, :, pos:pos + T] = qk_bias_rope_ref(qkv, bias, cos, sin, n_head)
+    q = ops.qk_bias_rope_cache(qkv, bias, cos, sin, n_head, k_cache, v_cache, pos)
+    assert_close([q, k_cache, v_cache], [q_ref, k_ref, v_ref], dtype, "qk_bias_rope_cache")
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -143,6 +153,11 @@ def test_adapter(device, dtype, shape):
     h = s.size(-1)
     check_fwd_bwd(lambda s, e, W: ops.adapter(s, F.linear(e, W[:, h:]), W),
                   lambda s, e, W: F.linear(torch.cat([s, e], dim=-1), W), (s, e, W), dtype)
+
+
+def random_mask(B, T, device):
+    """A (B, 1, T, T) attention mask, True = may attend; the diagonal always (no empty row)."""
+    return (torch.rand(B, 1, T, T, device=device) > 0.4) | torch.eye(T, dtype=torch.bool, device=device)
 
 
 def small_model(device, dtype, h=96, n_head=4, R=3, **kw):
@@ -179,9 +194,47 @@ def test_core_step(device, dtype, shape):
     flat = lambda gs: torch.cat([t.flatten() for t in gs if t is not None])  # noqa: E731
     assert_close([flat(g)], [flat(g_ref)], dtype, "weight grads")
     with torch.no_grad():
-        out, _, _ = ops.recurrent_steps(s, F.linear(e, W[:, h:]), W, ops.block_weights(model.core), cos, sin, [], [],
-                                        2, n_head, model.core[0].norm_1.eps)
+        out = ops.recurrent_steps(s, F.linear(e, W[:, h:]), W, ops.block_weights(model.core), cos, sin, None, 2,
+                                  n_head, model.core[0].norm_1.eps)
         assert_close([out], [ref(s, e)], dtype, "recurrent_steps")
+        # an attention mask (padded batches): the same one given to both
+        mask = random_mask(B, T, device)
+        out = ops.recurrent_steps(s, F.linear(e, W[:, h:]), W, ops.block_weights(model.core), cos, sin, mask, 2,
+                                  n_head, model.core[0].norm_1.eps)
+        ref_masked = model.core_step(model.core_step(s, e, cos, sin, 0, mask=mask), e, cos, sin, 1, mask=mask)
+        assert_close([out], [ref_masked], dtype, "recurrent_steps with a mask")
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("T,strategy", [(1, "full"), (3, "full"), (1, "compress-s2"), (3, "compress-s1")])
+def test_recurrent_steps_with_kv_cache(device, dtype, T, strategy):
+    """Tokens after a cached prompt: recurrent_steps_cached writing the cache in place (qk_bias_rope_cache)
+    vs model.core_step with KVCache.update, compared on the states and on every cache buffer.
+    compress-sN makes several (step, block) pairs share a buffer (the list holds it twice)."""
+    model = small_model(device, dtype)  # h = 96, 4 heads of 24
+    h, R, steps, past = 96, len(model.core), 3, 5
+    W, eps = model.adapter.weight, model.core[0].norm_1.eps
+    ref_cache = KVCache(16, strategy, R)
+    with torch.no_grad():
+        model(torch.randint(0, 17, (2, past), device=device), num_steps=steps, kv_cache=ref_cache)
+        cache = KVCache(16, strategy, R)
+        cache.entries = {key: (k.clone(), v.clone()) for key, (k, v) in ref_cache.entries.items()}
+        cache.seq_len = past
+        cos, sin = model.rope_cos[past:past + T], model.rope_sin[past:past + T]
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+        s, e = (torch.randn(2, T, h, device=device, dtype=dtype) for _ in range(2))
+        ref = s
+        for step in range(steps):
+            ref = model.core_step(ref, e, cos, sin, step, ref_cache, mask)
+        keys = [("core", step, j) for step in range(steps) for j in range(R)]
+        k_cache = [cache.buffers(key, 2, 4, 24, dtype, device)[0] for key in keys]
+        v_cache = [cache.buffers(key, 2, 4, 24, dtype, device)[1] for key in keys]
+        out = ops.recurrent_steps_cached(s, F.linear(e, W[:, h:]), W, ops.block_weights(model.core), cos, sin,
+                                         None, k_cache, v_cache, past, steps, 4, eps)
+    assert_close([out], [ref], dtype, "recurrent_steps_cached")
+    assert cache.entries.keys() == ref_cache.entries.keys()
+    for key in ref_cache.entries:
+        assert_close(list(cache.entries[key]), list(ref_cache.entries[key]), dtype, f"cache entry {key}")
 
 
 # -----------------------------------------------------------------------------
@@ -211,10 +264,12 @@ def test_opcheck(device):
     ]
     model = small_model(device, torch.float32)
     sd, ed = nograd(s, e)
-    past = [torch.randn(3, 4, 5, 24, device=device) for _ in range(2 * 3)]
+    cache = [torch.randn(3, 4, 16, 24, device=device) for _ in range(2 * 3)]  # 16 positions, 7 new at 5..11
     args = (sd, ed, model.adapter.weight.detach(), [t.detach() for t in ops.block_weights(model.core)], cos, sin)
-    cases += [(torch.ops.minird.recurrent_steps, (*args, [], [], 2, 4, 1e-6)),
-              (torch.ops.minird.recurrent_steps, (*args, past, [p + 1 for p in past], 2, 4, 1e-6))]
+    cases += [(torch.ops.minird.qk_bias_rope_cache, (*nograd(qkv, bias), cos, sin, n_head, cache[0], cache[1], 5)),
+              (torch.ops.minird.recurrent_steps, (*args, None, 2, 4, 1e-6)),
+              (torch.ops.minird.recurrent_steps, (*args, random_mask(3, 7, device), 2, 4, 1e-6)),
+              (torch.ops.minird.recurrent_steps_cached, (*args, None, cache, [c + 1 for c in cache], 5, 2, 4, 1e-6))]
     for op, inputs in cases:
         torch.library.opcheck(op, inputs)
 
@@ -336,14 +391,22 @@ def test_bad_input(device):
         (lambda: ops.qk_bias_rope(qkv, bias, cos, sin, 5), "n_head=5 must divide h=64"),
         (lambda: ops.adapter(s, e, W[:, :64].contiguous()), "weight must have shape [64, 128]"),
     ]
-    # recurrent_steps: a KV cache whose entries have different lengths (its mask assumes one length)
+    # KV caches: buffers of different lengths (one mask for all), and no room at pos
+    cache = torch.zeros(2, 4, 8, 16, device=device)
+    bad.append((lambda: ops.qk_bias_rope_cache(qkv, bias, cos, sin, n_head, cache, cache, 6),
+                "positions pos .. pos + T - 1 = 6 .. 8 must lie in the cache's length L = 8"))
+    bad.append((lambda: ops.qk_bias_rope_cache(qkv, bias, cos, sin, n_head, cache[:1].contiguous(), cache, 0),
+                "k_cache must have shape (B, nh, L, hs) = (2, 4, L, 16)"))
     model = small_model(device, torch.float32)
-    past = [torch.randn(1, 4, 5, 24, device=device) for _ in range(2 * 3)]
-    short = past[:-1] + [past[-1][:, :, :4]]
+    k_cache = [torch.randn(1, 4, 8, 24, device=device) for _ in range(2 * 3)]
+    short = k_cache[:-1] + [k_cache[-1][:, :, :7].contiguous()]
     args = (torch.randn(1, 1, 96, device=device), torch.randn(1, 1, 96, device=device),
             model.adapter.weight.detach(), [t.detach() for t in ops.block_weights(model.core)],
             model.rope_cos[5:6], model.rope_sin[5:6])
-    bad.append((lambda: ops.recurrent_steps(*args, past, short, 2, 4, 1e-6), "past_v[i] must have shape [1, 4, 5, 24]"))
+    bad.append((lambda: ops.recurrent_steps_cached(*args, None, k_cache, short, 5, 2, 4, 1e-6),
+                "v_cache[i] must have shape [1, 4, 8, 24]"))
+    bad.append((lambda: ops.recurrent_steps_cached(*args, None, k_cache[:2], k_cache[:2], 5, 2, 4, 1e-6),
+                "k_cache and v_cache must hold num_steps * R = 6 tensors, got 2 and 2"))
     if device == "cuda":
         bad.append((lambda: ops.add_rmsnorm(x, y.cpu(), w, None), "y must be on cuda"))
     for call, message in bad:

@@ -108,6 +108,50 @@ def test_adaptive_exit_shows_the_steps_used(checkpoint):
         assert int(used) >= 2
 
 
+def test_prompts_of_different_lengths_go_in_one_batch(checkpoint):
+    """The prompts are padded on the left into one batch: every answer, and the steps it used with
+    adaptive exit, is the prompt's own alone."""
+    path, model, _ = checkpoint
+    prompts = ["a1;?a", "k5;a2;bk;xb;?x", "a1;b2;cb;?c2?a"]
+    result = run_sample(path, "--steps", "2,5", "--criterion", "kl", *(arg for p in prompts for arg in ("--prompt", p)))
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.count(" | ") == 2 and "prompt" not in line]
+    assert [row.split(" | ")[2] for row in rows] == prompts
+    for row, prompt in zip(rows, prompts):
+        idx = torch.tensor([CharTokenizer().encode(prompt)])
+        cells = re.findall(r"(\S+) (ok|x) (\d+)\b", row.split(" | ")[1])
+        for (answer, _, used), r in zip(cells, (2, 5)):
+            out, steps = model.generate(idx, 1, num_steps=r, criterion="kl", return_steps=True)
+            assert answer == CharTokenizer().decode(out[0, -1:].tolist()) and int(used) == steps[0, -1]
+
+
+def test_speculative_decoding_and_cache_sharing_flags(checkpoint):
+    """--draft_steps writes what plain greedy decoding writes, and says how many drafted tokens it kept;
+    --cache_lookup_strategy reaches generate."""
+    path, model, _ = checkpoint
+    prompts = ["k5;a2;bk;xb;?x", "a1;?a"]
+    args = ["--steps", "2,4", "--new_tokens", "6", *(arg for p in prompts for arg in ("--prompt", p))]
+    plain = run_sample(path, *args)
+    drafted = run_sample(path, *args, "--draft_steps", "1", "--lookahead_for_draft", "3")
+    shared = run_sample(path, *args, "--cache_lookup_strategy", "compress-s2")
+    for result in (plain, drafted, shared):
+        assert result.returncode == 0, result.stderr
+    written = [line for line in plain.stdout.splitlines() if " -> " in line]
+    assert len(written) == 2 * len(prompts)
+    for line, (r, prompt) in zip(written, [(r, p) for r in (2, 4) for p in prompts]):
+        out = model.generate(torch.tensor([CharTokenizer().encode(prompt)]), 6, num_steps=r)
+        assert line == f"  {prompt} -> {CharTokenizer().decode(out[0, len(prompt):].tolist())!r}"
+    assert drafted.stdout.startswith(plain.stdout)  # the same table and tokens, then the acceptance lines
+    stats = re.findall(r"self-speculative decoding at r=(\d+): drafts of 3 tokens at 1 steps, (\d+)/(\d+) drafted",
+                       drafted.stdout)
+    assert [r for r, _, _ in stats] == ["2", "4"] and all(int(a) <= int(d) for _, a, d in stats)
+    for line, (r, prompt) in zip([line for line in shared.stdout.splitlines() if " -> " in line],
+                                 [(r, p) for r in (2, 4) for p in prompts]):
+        out = model.generate(torch.tensor([CharTokenizer().encode(prompt)]), 6, num_steps=r,
+                             cache_lookup_strategy="compress-s2")
+        assert line.endswith(f" -> {CharTokenizer().decode(out[0, len(prompt):].tolist())!r}")
+
+
 def test_default_steps_is_the_training_mean(checkpoint):
     path, model, _ = checkpoint
     result = run_sample(path, "--prompt", "k5;bk;?b")
@@ -131,6 +175,14 @@ def test_default_steps_is_the_training_mean(checkpoint):
     (["--prompt", "a3;ba;"], "query"),
     (["--prompt", "a3;b;?b"], "statements"),
     (["--prompt", "a3;?z"], "'z' before defining it"),
+    (["--draft_steps", "0"], "positive integer"),
+    (["--lookahead_for_draft", "-2"], "positive integer"),
+    (["--new_tokens", "0"], "positive integer"),
+    (["--cache_lookup_strategy", "compress-s0"], "'full' or 'compress-sN'"),
+    (["--cache_lookup_strategy", "latest"], "'full' or 'compress-sN'"),
+    (["--steps", "2,8", "--draft_steps", "4"], "draft_steps must be an integer from 1 to num_steps = 2"),
+    (["--draft_steps", "1", "--criterion", "kl"], "criterion='none'"),
+    (["--draft_steps", "1", "--cache_lookup_strategy", "compress-s1"], "cache_lookup_strategy='full'"),
 ])
 def test_bad_arguments_are_one_line_errors(checkpoint, args, fragment):
     result = run_sample(checkpoint[0], *args)
