@@ -53,6 +53,7 @@ max_distractor_hops = 3
 extrapolation_hops = "4-10"  # held-out difficulties beyond training
 dense_targets = True  # also train every statement's value slot on its root (minird/data.py)
 step_loss = True  # per-step loss: step t is asked for the targets t lookups reach (model.py)
+fixed_steps = 0  # > 0: every batch runs exactly this many steps, all with gradient, instead of sampled (n, k)
 # curriculum: train on hops <= current max, raised by one when the running accuracy on the targets
 # that need current-max lookups (depth-max statements, answers of max - 1 hops) reaches the
 # threshold (gated on accuracy, not on time: SPEC section 5)
@@ -223,7 +224,7 @@ while iter_num < max_iters:
         group["lr"] = lr
     lines = sample_problems(data_rng, batch_size, CorpusConfig(**{**asdict(corpus), "max_hops": current_max_hops}))
     x, y, _, lookups = (t.to(device) for t in encode_batch(lines, tokenizer, block_size, dense_targets))
-    num_steps = raw_model.sample_num_steps(steps_rng)
+    num_steps = (0, fixed_steps) if fixed_steps else raw_model.sample_num_steps(steps_rng)
     logits, loss = model(x, y, num_steps=num_steps, target_lookups=lookups if step_loss else None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -3,15 +3,25 @@
 import json
 import shutil
 
+import pytest
+import torch
+
 from helpers import assert_one_line_error, run_script
+from minird.experiments import decode_token_by_token, encode, held_out_sets
+from minird.utils import load_model
+
+
+def run_experiment(trained_run, tmp_path, name, *args):
+    """Run one experiment on a copy of the trained checkpoint; returns (its JSON report, stdout)."""
+    shutil.copy(trained_run[0] / "ckpt.pt", tmp_path / "ckpt.pt")
+    result = run_script("-m", "minird.experiments", name, f"--ckpt={tmp_path / 'ckpt.pt'}", *args)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{name}.json").exists()
+    return json.loads((tmp_path / f"{name}.json").read_text()), result.stdout
 
 
 def test_adaptive_reports_steps_and_accuracy_by_hops(trained_run, tmp_path):
-    shutil.copy(trained_run[0] / "ckpt.pt", tmp_path / "ckpt.pt")
-    result = run_script("-m", "minird.experiments", "adaptive", f"--ckpt={tmp_path / 'ckpt.pt'}", "--cap=4",
-                        "--lines=16")
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "adaptive.json").read_text())
+    report, stdout = run_experiment(trained_run, tmp_path, "adaptive", "--cap=4", "--lines=16")
     assert report["cap"] == 4
     results = report["results"]
     assert set(results) == {"none", "kl", "latent-diff", "entropy-diff", "argmax-stability", "cosine"}
@@ -20,7 +30,110 @@ def test_adaptive_reports_steps_and_accuracy_by_hops(trained_run, tmp_path):
         for steps, accuracy in by_hops.values():
             assert (steps == 4) if criterion == "none" else (1 <= steps <= 4)
             assert 0 <= accuracy <= 1
-    assert "mean steps used" in result.stdout
+    assert "mean steps used" in stdout
+
+
+def test_depth_is_train_tiny_table_on_the_same_lines(trained_run, tmp_path):
+    # train_tiny.py evaluates on lines drawn with seed + 10000 (1337 in TINY_TRAIN), 64 per set,
+    # 4-10 hops beyond training: the same lines give the same table
+    report, stdout = run_experiment(trained_run, tmp_path, "depth", "--seed=11337", "--lines=64", "--steps=1,2,4")
+    assert report["r_values"] == [1, 2, 4]
+    results = report["results"]
+    assert set(results) == {"in-distribution", "extrapolation"}
+    for name, by_r in results.items():
+        assert set(by_r) == {"1", "2", "4"}
+        for by_hops in by_r.values():
+            assert by_hops.keys() == by_r["1"].keys()
+            assert all(0 <= a <= 1 for a in by_hops.values())
+    assert set(results["in-distribution"]["1"]) == {"0", "1", "2", "3"}
+    assert {int(h) for h in results["extrapolation"]["1"]} <= set(range(4, 11))
+    trained = json.loads((trained_run[0] / "depth_scaling.json").read_text())["results"]
+    assert trained.keys() == results.keys()
+    for name in results:
+        for r, by_hops in results[name].items():
+            assert by_hops == pytest.approx(trained[name][r], abs=1e-6)
+    assert "r=4" in stdout
+
+
+def test_ccot_reports_both_ways_on_the_same_tokens(trained_run, tmp_path):
+    report, stdout = run_experiment(trained_run, tmp_path, "ccot", "--cap=4", "--lines=8")
+    assert (report["cap"], report["criterion"], report["lines"]) == (4, "kl", 16)
+    fresh, continuous = (report["results"][m]["by_kind"] for m in ("fresh", "continuous"))
+    assert list(fresh) == list(continuous)
+    assert {"name", "value", ";", "?", "answer digit", "all tokens"} <= set(fresh)
+    answers = [k for k in fresh if k.startswith("answer,")]
+    assert sum(fresh[k]["tokens"] for k in answers) == 16 * 3  # every query of every line
+    assert fresh["all tokens"]["tokens"] == sum(row["tokens"] for k, row in fresh.items() if k != "all tokens")
+    for kind in fresh:
+        for row in (fresh[kind], continuous[kind]):
+            assert row["tokens"] == fresh[kind]["tokens"]
+            assert 1 <= row["steps"] <= 4
+            assert (0 <= row["accuracy"] <= 1) if kind in answers else row["accuracy"] is None
+    assert "continuous" in stdout
+
+
+@pytest.mark.parametrize("continuous_compute", [False, True])
+def test_token_by_token_decoding_is_generate_teacher_forced(trained_run, continuous_compute):
+    """Fed the tokens generate() wrote, the ccot loop uses the same steps and predicts the same tokens."""
+    model, _, corpus = load_model(trained_run[0] / "ckpt.pt")
+    x, _, _ = encode(held_out_sets(corpus, 4, 0, 2)["in-distribution"], model)
+    idx, steps = model.generate(x[:, :1], max_new_tokens=10, num_steps=6, criterion="kl",
+                                continuous_compute=continuous_compute, return_steps=True)
+    logits, used = decode_token_by_token(model, idx[:, :-1], 6, "kl", continuous_compute)
+    assert torch.equal(used, steps)
+    assert torch.equal(logits.argmax(-1), idx[:, 1:])
+
+
+def test_latent_reports_trajectories_of_the_answers(trained_run, tmp_path):
+    report, stdout = run_experiment(trained_run, tmp_path, "latent", "--cap=6", "--lines=8")
+    r = report["r"]
+    assert r == 6
+    by_hops = report["by_hops"]
+    assert sum(row["tokens"] for row in by_hops.values()) == 16 * 3
+    for row in by_hops.values():
+        assert len(row["distance"]) == len(row["relative"]) == r  # |s_t - s_(t-1)|, t = 1 ... r
+        assert min(row["distance"]) >= 0 and min(row["relative"]) >= 0
+        assert row["final_distance"] == pytest.approx(row["distance"][-1], rel=1e-5)
+        assert row["first_below"] is None or 1 <= row["first_below"] <= r
+        assert 0 <= row["never_below"] <= 1 and 0 <= row["accuracy"] <= 1
+        assert sum(row["shapes"].values()) == row["tokens"]
+    assert report["examples"]
+    for example in report["examples"]:
+        assert str(example["hops"]) in by_hops
+        assert len(example["projection"]) == r and all(len(p) == 3 for p in example["projection"])
+        assert all(0 <= v <= 1 for v in example["explained"]) and sum(example["explained"]) <= 1 + 1e-6
+    assert "first t" in stdout
+
+
+def test_baselines_train_and_compare_with_the_recurrent_model(trained_run, tmp_path):
+    report, stdout = run_experiment(trained_run, tmp_path, "baselines", "--iters=20", "--lines=8", "--steps=1,2")
+    models = report["models"]
+    # TINY_TRAIN's model loops 2 blocks at a mean of 2 steps: the baselines are 2 and 4 unshared blocks
+    assert set(models) == {"recurrent", "2 layers, r=1", "4 layers, r=1"}
+    recurrent, same_params = models["recurrent"], models["2 layers, r=1"]
+    assert recurrent["r_values"] == [1, 2] and recurrent["iters"] == 120
+    assert same_params["params"] == recurrent["params"] < models["4 layers, r=1"]["params"]
+    for name, m in models.items():
+        assert set(m["results"]) == {"in-distribution", "extrapolation"}
+        for by_r in m["results"].values():
+            assert set(by_r) == {str(r) for r in m["r_values"]}
+            assert all(0 <= a <= 1 for by_hops in by_r.values() for a in by_hops.values())
+        if name != "recurrent":
+            assert m["r_values"] == [1] and m["iters"] == 20 and m["log"]
+            assert (tmp_path / f"baseline-{m['layers']}-layers" / "ckpt.pt").exists()
+    assert "rec r=2" in stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["depth", "--steps=0"], "--steps"),
+    (["depth", "--steps=1,x"], "--steps"),
+    (["ccot", "--criterion=often"], "--criterion"),
+    (["baselines", "--layers=0"], "--layers"),
+    (["latent", "--cap=0"], "positive"),
+    (["sideways"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line_errors(args, fragment):
+    assert_one_line_error(run_script("-m", "minird.experiments", *args), fragment)
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
