@@ -27,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 from torch.nn import functional as F
@@ -94,9 +95,11 @@ def cuda_graph(fn):
 def kernels_per_step(fn):
     """GPU kernels (and copies) that one call of fn launches, per recurrent step, by the profiler."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    with warnings.catch_warnings():  # the profiler warns once that it clears its events: not ours to act on
+        warnings.simplefilter("ignore", UserWarning)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
     return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()) / STEPS
 
 
@@ -253,7 +256,7 @@ def run_device(device):
                   for c in columns]
         cells += [f"{f'{max(t_bytes, t_flops):.1f} ({t_bytes:.1f}, {t_flops:.1f})':>22}"]
         if device == "cuda":
-            cells += [f"{' -> '.join(f'{n:.0f}' for n in counts.values()):>20}"]
+            cells += [f"{' -> '.join(f'{n:.3g}' for n in counts.values()):>20}"]  # decode kernel: 1/r
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
