@@ -22,7 +22,7 @@ import torch
 
 from minird.data import DIGITS, NAMES, sample_extrapolation_problems, solve
 from minird.model import EXIT_THRESHOLDS, left_pad, parse_lookup_strategy
-from minird.utils import load_model
+from minird.utils import load_model, positive_ints
 
 
 class Parser(argparse.ArgumentParser):
@@ -32,13 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_steps(text):
     """'8' or '1,4,16,64' -> [8] or [1, 4, 16, 64]; every r must be a positive integer."""
-    try:
-        steps = [int(v) for v in text.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers such as 8 or 1,4,16,64, got {text!r}")
-    return steps
+    return positive_ints(text, example="8 or 1,4,16,64")
 
 
 def parse_threshold(text):

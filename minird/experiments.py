@@ -8,6 +8,10 @@ Test-time compute experiments on the checkpoint that train_tiny.py writes (SPEC 
     python -m minird.experiments latent      # the states s_1 ... s_r of answer tokens: PCA, convergence
     python -m minird.experiments baselines   # non-recurrent models (1 and 4 layers, r = 1) trained on
                                              # the same corpus, against the recurrent model at every r
+    python -m minird.experiments kvshare     # answer accuracy and KV-cache bytes per token, full cache
+                                             # vs compress-sN (N slots shared by the steps), at fixed r
+    python -m minird.experiments speculative # self-speculative decoding: acceptance rate and tokens/s
+                                             # against plain greedy decoding, same output
     python -m minird.experiments depth --ckpt out-tiny/ckpt.pt --steps 1,4,16 --lines 128
 
 Each prints a table and saves NAME.json (and NAME.png with matplotlib) next to the checkpoint.
@@ -34,12 +38,27 @@ baselines: trains, with train_tiny.py in a subprocess, one non-recurrent model p
 to 1, last-step loss, same corpus, curriculum and settings as the checkpoint) for --iters
 iterations, into baseline-<L>-layers/ next to the checkpoint, and compares their accuracy by hops
 with the recurrent model's at every r of --steps.
+kvshare: every line is fed one token at a time (as in ccot) at a fixed r of --kv_steps, through a
+KV cache that keeps every (step, core layer)'s keys ("full") or shares N slots among them
+("compress-sN", step i / core layer j writing slot (i * R + j) mod N, N of --kv_slots; default R,
+2R and 4R); answer accuracy by hops on both sets, and the cache's bytes per token.
+speculative: completes the first --spec_lines in-distribution lines' prompts (the program and the
+first query) with --new_tokens tokens, greedy at r = --cap, plainly and with self-speculative
+decoding (generate's draft_steps, for every --draft_steps and --lookahead_for_draft), one line at a
+time and as one left-padded batch; checks that both write the same tokens (ValueError if not), and
+reports the acceptance rate, the forwards at r, and tokens/s and speed-ups from the median wall
+time (and CPU time) of 5 timed runs of each, taken in turn after a warm-up round (the machine may
+be shared: turns spread its load over all alike; --threads sets torch's CPU threads). The model
+was trained on answers only: after the answer it writes what it writes, not program text; the
+check is equality with plain decoding.
 """
 
 import argparse
+import functools
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -48,8 +67,9 @@ from dataclasses import asdict
 import torch
 
 from minird.data import CharTokenizer, CorpusConfig, encode_batch, sample_extrapolation_problems, sample_problems
-from minird.model import EXIT_THRESHOLDS, ExitCriterion, KVCache
-from minird.utils import accuracy_by_hops, load_checkpoint, load_model, print_depth_table, save_depth_plot
+from minird.model import EXIT_THRESHOLDS, DraftStats, ExitCriterion, KVCache, left_pad
+from minird.utils import (accuracy_by_hops, load_checkpoint, load_model, positive_ints, print_depth_table,
+                          save_depth_plot)
 
 TRAIN_TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_tiny.py")
 
@@ -175,18 +195,25 @@ def save_depth_figure(report, path, plt):
 
 
 @torch.no_grad()
-def decode_token_by_token(model, x, cap, criterion, continuous_compute, threshold="auto"):
-    """Feed x (B, T) one token at a time through a KV cache with adaptive exit, exactly as
-    model.generate feeds the tokens it writes (tests/test_experiments.py checks that), except that
-    the next token is x's and not the model's. Returns logits (B, T, vocab) and steps used (B, T)."""
-    kv_cache = KVCache(model.config.block_size, "full", len(model.core))
+def decode_token_by_token(model, x, cap, criterion, continuous_compute=False, threshold="auto", kv_cache=None):
+    """Feed x (B, T) one token at a time through a KV cache with adaptive exit (at most cap steps;
+    criterion "none": exactly cap steps), exactly as model.generate feeds the tokens it writes
+    (tests/test_experiments.py checks that), except that the next token is x's and not the model's.
+    kv_cache: an empty KVCache to fill (kvshare passes compress-sN ones and reads their size
+    after); default a full one. Returns logits (B, T, vocab) and steps used (B, T)."""
+    if kv_cache is None:
+        kv_cache = KVCache(model.config.block_size, "full", len(model.core))
     s, logits, steps = None, [], []
     for t in range(x.size(1)):
         ids = x[:, t:t + 1]
         cos, sin, mask = model._positions(ids, kv_cache)
         e = model.embed(ids, cos, sin, kv_cache, mask)
-        rule = ExitCriterion(criterion, threshold, ids.shape, model.config.vocab_size, x.device)
-        s, used = model.iterate_adaptive(e, cap, cos, sin, rule, 1, kv_cache, mask, s if continuous_compute else None)
+        s0 = s if continuous_compute else None
+        if criterion == "none":
+            s, used = model.iterate(e, (cap, 0), cos, sin, kv_cache, mask, s0=s0), torch.full_like(ids, cap)
+        else:
+            rule = ExitCriterion(criterion, threshold, ids.shape, model.config.vocab_size, x.device)
+            s, used = model.iterate_adaptive(e, cap, cos, sin, rule, 1, kv_cache, mask, s0)
         logits.append(model.decode(s, cos, sin, kv_cache, mask))
         steps.append(used)
         kv_cache.seq_len += 1
@@ -243,7 +270,8 @@ def print_ccot(report):
     fresh, cont = (report["results"][m]["by_kind"] for m in ("fresh", "continuous"))
     print(f"tokens fed one at a time, adaptive exit ({report['criterion']}, cap {report['cap']}): mean steps "
           "per token and answer accuracy, s0 fresh vs the previous token's state (* = beyond training)")
-    print(f"{'token kind':<18}{'tokens':>7} | {'steps fresh':>11} {'continuous':>10} | {'acc fresh':>9} {'continuous':>10}")
+    print(f"{'token kind':<18}{'tokens':>7} | {'steps fresh':>11} {'continuous':>10} | "
+          f"{'acc fresh':>9} {'continuous':>10}")
     for kind, f in fresh.items():
         c = cont[kind]
         acc = f"{100 * f['accuracy']:8.1f}% {100 * c['accuracy']:9.1f}%" if f["accuracy"] is not None else ""
@@ -253,7 +281,8 @@ def print_ccot(report):
 def save_ccot_plot(report, path, plt):
     fresh, cont = (report["results"][m]["by_kind"] for m in ("fresh", "continuous"))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
-    for ax, kinds, value in ((left, list(fresh), "steps"), (right, [k for k in fresh if k.startswith("answer,")], "accuracy")):
+    answers = [k for k in fresh if k.startswith("answer,")]
+    for ax, kinds, value in ((left, list(fresh), "steps"), (right, answers, "accuracy")):
         at = torch.arange(len(kinds)).float()
         scale = 100 if value == "accuracy" else 1
         ax.bar(at - 0.2, [scale * fresh[k][value] for k in kinds], width=0.4, label="fresh s0")
@@ -320,7 +349,8 @@ def latent(model, sets, r, max_hops, threshold=0.03, n_examples=6):
             "first_below": stopped.mean().item() if len(stopped) else None,
             "never_below": (first_below[sel] == 0).float().mean().item(),
             "final_distance": distance[-1, sel].mean().item(), "final_relative": relative[-1, sel].mean().item(),
-            "shapes": {k: sum(s == k for s, keep in zip(shape, sel.tolist()) if keep) for k in ("point", "orbit", "slider")},
+            "shapes": {k: sum(s == k for s, keep in zip(shape, sel.tolist()) if keep)
+                       for k in ("point", "orbit", "slider")},
             "distance": distance[:, sel].mean(1).tolist(), "relative": relative[:, sel].mean(1).tolist(),
         }
     examples = []
@@ -423,9 +453,10 @@ def baselines(ckpt_path, model, sets, r_values, max_hops, layers, iters):
         out_dir = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), f"baseline-{n}-layers")
         run = train_baseline(settings, out_dir, n, iters)
         baseline, _, _ = load_model(os.path.join(out_dir, "ckpt.pt"))
-        models[f"{n} layer{'s' if n > 1 else ''}, r=1"] = {"layers": n, "params": baseline.num_params(), "iters": run["iters"],
-                                      "train_s": round(run["train_time_s"], 1), "r_values": [1], "log": run["log"],
-                                      "results": depth_results(baseline, sets, [1], max_hops)}
+        models[f"{n} layer{'s' if n > 1 else ''}, r=1"] = {
+            "layers": n, "params": baseline.num_params(), "iters": run["iters"],
+            "train_s": round(run["train_time_s"], 1), "r_values": [1], "log": run["log"],
+            "results": depth_results(baseline, sets, [1], max_hops)}
     return {"batch_size": settings["batch_size"], "models": models}
 
 
@@ -477,6 +508,199 @@ def save_baselines_plot(report, path, plt):
 
 
 # -----------------------------------------------------------------------------
+# kvshare: KV-cache sharing across steps (compress-sN) vs one entry per step
+
+
+def answer_accuracy(logits, y, hops, lowest=0):
+    """{hops: accuracy} of the answers with at least `lowest` hops, and their accuracy all together."""
+    right = logits.argmax(-1) == y
+    answers = hops >= lowest
+    return ({h: right[hops == h].float().mean().item() for h in sorted(set(hops[answers].tolist()))},
+            right[answers].float().mean().item())
+
+
+def kvshare(model, sets, r_values, slots, max_hops):
+    """Accuracy (both sets, by hops and all answers) and KV-cache bytes per token of each strategy
+    at each r, every line fed one token at a time: the way generate() decodes, the only place the
+    cache is used. The extrapolation set reports only its hop counts past max_hops (as depth)."""
+    strategies = ["full", *(f"compress-s{n}" for n in sorted(set(slots)))]
+    results = {name: {st: {} for st in strategies} for name in sets}
+    overall = {name: {st: {} for st in strategies} for name in sets}
+    bytes_per_token = {st: {} for st in strategies}
+    for name, lines in sets.items():
+        x, y, hops = encode(lines, model)
+        lowest = max_hops + 1 if name == "extrapolation" else 0
+        for strategy in strategies:
+            for r in r_values:
+                kv_cache = KVCache(model.config.block_size, strategy, len(model.core))
+                logits, _ = decode_token_by_token(model, x, r, "none", kv_cache=kv_cache)
+                results[name][strategy][r], overall[name][strategy][r] = answer_accuracy(logits, y, hops, lowest)
+                bytes_per_token[strategy][r] = kv_cache.nbytes() / (x.size(0) * kv_cache.seq_len)
+    return {"R": model.config.n_layers_in_recurrent_block, "r_values": r_values, "strategies": strategies,
+            "bytes_per_token": bytes_per_token, "overall": overall, "results": results}
+
+
+def short_strategy(strategy):
+    return strategy.replace("compress-", "")
+
+
+def print_kvshare(report):
+    r_values, strategies = report["r_values"], report["strategies"]
+    width = 7 * len(strategies)
+    print(f"answer accuracy (%) by hops, lines fed one token at a time at fixed r, with a full KV cache (one "
+          f"entry per step and core layer) or compress-sN (N shared slots; R = {report['R']})")
+    print(f"{'':<21} | " + " | ".join(f"{f'r={r}':^{width}}" for r in r_values))
+    print(f"{'set':<16}{'hops':>5} | "
+          + " | ".join("".join(f"{short_strategy(st):>7}" for st in strategies) for _ in r_values))
+    for name, by_strategy in report["results"].items():
+        rows = [(h, {st: {r: by_strategy[st][r][h] for r in r_values} for st in strategies})
+                for h in by_strategy["full"][r_values[0]]]
+        rows.append(("all", {st: report["overall"][name][st] for st in strategies}))
+        for h, cells in rows:
+            print(f"{name:<16}{h:>5} | " + " | ".join(
+                "".join(f"{100 * cells[st][r]:6.1f}%" for st in strategies) for r in r_values))
+    print(f"{'KiB per token':<21} | " + " | ".join(
+        "".join(f"{report['bytes_per_token'][st][r] / 1024:7.2f}" for st in strategies) for r in r_values))
+
+
+def save_kvshare_plot(report, path, plt):
+    r_values, strategies = report["r_values"], report["strategies"]
+    fig, axes = plt.subplots(1, len(r_values) + 1, figsize=(3.6 * (len(r_values) + 1), 3.4))
+    for ax, r in zip(axes, r_values):
+        ax.set_ylim(0, 102)
+        for st in strategies:
+            points = sorted((h, a) for by_st in report["results"].values() for h, a in by_st[st][r].items())
+            ax.plot([h for h, _ in points], [100 * a for _, a in points], marker=".", label=st)
+        ax.set_title(f"r = {r}", fontsize=9)
+        ax.set_xlabel("hops (past the training max: extrapolation)", fontsize=8)
+    axes[0].set_ylabel("answer accuracy (%)")
+    for st in strategies:
+        axes[-1].plot(r_values, [report["bytes_per_token"][st][r] / 1024 for r in r_values], marker="o", label=st)
+    axes[-1].set_xscale("log", base=2)
+    axes[-1].set_xticks(r_values, [str(r) for r in r_values])
+    axes[-1].set_xlabel("recurrent steps r")
+    axes[-1].set_ylabel("KV cache, KiB per token")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=80)
+
+
+# -----------------------------------------------------------------------------
+# speculative: self-speculative decoding (draft at few steps, verify at r) vs plain greedy decoding
+
+
+def timed_in_turn(runs, repeats):
+    """Run each of runs ({name: fn}) in turn, repeats + 1 times (the first round warms up): {name:
+    (its last result, the median of its wall-clock seconds, the median of its CPU seconds)}. Taking
+    turns spreads changes in the machine's load (it is shared) over all of them alike."""
+    results, wall, cpu = {}, {name: [] for name in runs}, {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            results[name] = fn()
+            if round_ > 0:
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {name: (results[name], statistics.median(wall[name]), statistics.median(cpu[name])) for name in runs}
+
+
+def complete(model, batches, new_tokens, r, **drafting):
+    """generate() on each (idx, attention_mask) of batches, greedy at r: the outputs and the summed DraftStats."""
+    outputs, total = [], DraftStats()
+    for idx, attention_mask in batches:
+        out, stats = model.generate(idx, new_tokens, num_steps=r, attention_mask=attention_mask,
+                                    return_stats=True, **drafting)
+        outputs.append(out)
+        total = DraftStats(**{k: getattr(total, k) + v for k, v in asdict(stats).items()})
+    return outputs, total
+
+
+def speculative(model, sets, r, draft_steps, lookaheads, n_lines, new_tokens, repeats=5):
+    tokenizer = CharTokenizer()
+    lines = sets["in-distribution"][:n_lines]
+    prompts = [tokenizer.encode(line.prompt) for line in lines]
+    modes = {"one line at a time": [(torch.tensor([p]), None) for p in prompts],
+             f"batched (B={len(prompts)})": [left_pad(prompts)]}
+    configs = {f"draft {d}, lookahead {n}": (d, n) for d in draft_steps for n in lookaheads}
+    results = {}
+    for mode, batches in modes.items():
+        runs = {"plain": functools.partial(complete, model, batches, new_tokens, r)}
+        for name, (d, n) in configs.items():
+            runs[name] = functools.partial(complete, model, batches, new_tokens, r, draft_steps=d,
+                                           lookahead_for_draft=n)
+        rows = {}
+        for name, ((outputs, stats), seconds, cpu_seconds) in timed_in_turn(runs, repeats).items():
+            tokens = sum(out[:, idx.size(1):].numel() for out, (idx, _) in zip(outputs, batches))
+            rows[name] = {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                          "tokens_per_s": tokens / seconds, "forwards": stats.forwards,
+                          "forwards_at_r": stats.forwards - stats.drafted}  # a drafted token: a forward at d
+            if name == "plain":
+                plain = outputs
+                continue
+            if not all(torch.equal(a, b) for a, b in zip(outputs, plain)):
+                raise ValueError(f"self-speculative decoding ({mode}, {name}) wrote other tokens than plain "
+                                 "greedy decoding")
+            rows[name].update({
+                "draft_steps": configs[name][0], "lookahead": configs[name][1], "same_output": True,
+                "speedup": rows["plain"]["seconds"] / seconds,
+                "cpu_speedup": rows["plain"]["cpu_seconds"] / cpu_seconds,
+                "acceptance_rate": stats.acceptance_rate, "accepted": stats.accepted, "drafted": stats.drafted,
+                "rounds": stats.rounds})
+        results[mode] = rows
+    prompt = modes["one line at a time"][0][0]
+    written = complete(model, [(prompt, None)], new_tokens, r)[0][0][0, prompt.size(1):]
+    return {"r": r, "lines": len(prompts), "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "repeats": repeats, "example": {"prompt": lines[0].prompt, "written": tokenizer.decode(written.tolist())},
+            "results": results}
+
+
+def print_speculative(report):
+    r = report["r"]
+    tokens = next(iter(report["results"].values()))["plain"]["tokens"]
+    print(f"greedy completion of {report['lines']} prompts ({tokens} tokens: up to {report['new_tokens']} each, "
+          f"fewer where the context ends) at r={r}, plain vs self-speculative (drafts at draft steps, verified "
+          f"at r; the same tokens in every run); medians of {report['repeats']} runs taken in turn, "
+          f"{report['threads']} thread(s); speed-up in wall-clock and in CPU time")
+    print(f"{'mode':<20}{'decoding':<22} | {'tokens/s':>8} {'speed-up':>8} {'CPU':>6} | {'accepted':>9} {'rate':>6} | "
+          f"{'forwards':>8} {f'at r={r}':>8}")
+    for mode, rows in report["results"].items():
+        for name, row in rows.items():
+            drafting = (f"{row['accepted']:>4}/{row['drafted']:<4} {100 * row['acceptance_rate']:5.1f}%"
+                        if "drafted" in row else f"{'-':>9} {'-':>6}")
+            speedups = f"{row.get('speedup', 1.0):7.2f}x {row.get('cpu_speedup', 1.0):5.2f}x"
+            print(f"{mode:<20}{name:<22} | {row['tokens_per_s']:8.1f} {speedups} | {drafting} | "
+                  f"{row['forwards']:>8} {row['forwards_at_r']:>8}")
+            mode = ""
+    example = report["example"]
+    print(f"written after the first prompt (the model was trained on answers only): "
+          f"{example['prompt']} -> {example['written']!r}")
+
+
+def save_speculative_plot(report, path, plt):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for mode, rows in report["results"].items():
+        for lookahead in sorted({row["lookahead"] for row in rows.values() if "lookahead" in row}):
+            drafts = [row for row in rows.values() if row.get("lookahead") == lookahead]
+            label = f"{mode}, lookahead {lookahead}"
+            steps = [row["draft_steps"] for row in drafts]
+            left.plot(steps, [row["speedup"] for row in drafts], marker="o", label=label)
+            right.plot(steps, [100 * row["acceptance_rate"] for row in drafts], marker="o", label=label)
+    left.axhline(1, color="k", ls="--", lw=0.8)
+    left.set_ylabel("speed-up over plain decoding (x)")
+    right.set_ylabel("drafted tokens kept (%)")
+    draft_steps = sorted({row["draft_steps"] for rows in report["results"].values()
+                          for row in rows.values() if "draft_steps" in row})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(draft_steps, [str(d) for d in draft_steps])
+        ax.set_xlabel(f"draft steps (verify and plain decoding at r = {report['r']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=80)
+
+
+# -----------------------------------------------------------------------------
 
 
 class Parser(argparse.ArgumentParser):
@@ -484,20 +708,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"minird.experiments: {message}\n")
 
 
-def positive_ints(text):
-    """'8' or '1,4,16' -> [8] or [1, 4, 16]."""
-    values = [int(v) for v in text.split(",") if v.strip().isdigit()]
-    if not values or len(values) != len(text.split(",")) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers such as 4 or 1,4,16, got {text!r}")
-    return values
-
-
 def main(argv=None):
     parser = Parser(description="minird test-time compute experiments (see the module docstring)")
-    parser.add_argument("name", choices=["adaptive", "depth", "ccot", "latent", "baselines"])
+    parser.add_argument("name", choices=["adaptive", "depth", "ccot", "latent", "baselines", "kvshare", "speculative"])
     parser.add_argument("--ckpt", default="out-tiny/ckpt.pt")
     parser.add_argument("--cap", type=int, default=32,
-                        help="most steps a token may run (adaptive, ccot); the trajectory's length (latent)")
+                        help="most steps a token may run (adaptive, ccot); the trajectory's length (latent); "
+                             "r of plain decoding and of the verify (speculative)")
     parser.add_argument("--lines", type=int, default=256, help="held-out lines per set")
     parser.add_argument("--beyond", type=int, default=7, help="hop counts past training in the second set")
     parser.add_argument("--seed", type=int, default=7)
@@ -508,22 +725,44 @@ def main(argv=None):
                         help="unshared blocks of each baseline (baselines; default: R, the recurrent model's "
                              "parameters, and R x mean r, its compute at the training mean)")
     parser.add_argument("--iters", type=int, default=2000, help="training iterations of each baseline (baselines)")
+    parser.add_argument("--kv_steps", type=positive_ints, default=[4, 8, 16], help="fixed r values (kvshare)")
+    parser.add_argument("--kv_slots", type=positive_ints, default=None,
+                        help="N of each compress-sN compared with the full cache (kvshare; default R, 2R, 4R)")
+    parser.add_argument("--draft_steps", type=positive_ints, default=[1, 2, 4],
+                        help="steps of the drafted tokens, at most --cap (speculative)")
+    parser.add_argument("--lookahead_for_draft", type=positive_ints, default=[4],
+                        help="tokens drafted per round (speculative)")
+    parser.add_argument("--spec_lines", type=int, default=16, help="prompts, one per held-out line (speculative)")
+    parser.add_argument("--new_tokens", type=int, default=48,
+                        help="tokens written after each prompt, fewer where the context ends (speculative)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     args = parser.parse_args(argv)
-    if min(args.cap, args.lines, args.beyond, args.iters) < 1:
-        sys.exit("minird.experiments: --cap, --lines, --beyond and --iters must be positive")
+    if min(args.cap, args.lines, args.beyond, args.iters, args.spec_lines, args.new_tokens) < 1 or args.threads < 0:
+        sys.exit("minird.experiments: --cap, --lines, --beyond, --iters, --spec_lines and --new_tokens must be "
+                 "positive, --threads not negative")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     try:
         model, _, corpus = load_model(args.ckpt)
+        R = model.config.n_layers_in_recurrent_block
         torch.manual_seed(args.seed)
         sets = held_out_sets(corpus, args.lines, args.seed, args.beyond)
         run, show, plot = {
             "adaptive": (lambda: adaptive(model, sets, args.cap), print_adaptive, save_adaptive_plot),
             "depth": (lambda: depth(model, sets, args.steps, corpus.max_hops), print_depth, save_depth_figure),
-            "ccot": (lambda: ccot(model, sets, args.cap, args.criterion, corpus.max_hops), print_ccot, save_ccot_plot),
+            "ccot": (lambda: ccot(model, sets, args.cap, args.criterion, corpus.max_hops),
+                     print_ccot, save_ccot_plot),
             "latent": (lambda: latent(model, sets, args.cap, corpus.max_hops), print_latent, save_latent_plot),
             "baselines": (lambda: baselines(args.ckpt, model, sets, args.steps, corpus.max_hops,
                                             args.layers or default_baseline_layers(model), args.iters),
                           print_baselines, save_baselines_plot),
+            "kvshare": (lambda: kvshare(model, sets, args.kv_steps, args.kv_slots or [R, 2 * R, 4 * R],
+                                        corpus.max_hops),
+                        print_kvshare, save_kvshare_plot),
+            "speculative": (lambda: speculative(model, sets, args.cap, args.draft_steps, args.lookahead_for_draft,
+                                                args.spec_lines, args.new_tokens),
+                            print_speculative, save_speculative_plot),
         }[args.name]
         report = run()
     except ValueError as err:

@@ -1,6 +1,7 @@
 """Helpers shared by train_tiny.py, sample.py and minird.experiments: settings, checkpoints, evaluation,
 the depth table."""
 
+import argparse
 import os
 import tempfile
 
@@ -33,6 +34,18 @@ def apply_overrides(settings, argv):
                 settings[key] = type(default)(value)
         except ValueError:
             raise ConfigError(f"--{key} must be of type {type(default).__name__}, got {value!r}") from None
+
+
+def positive_ints(text, example="4 or 1,4,16"):
+    """'8' or '1,4,16' -> [8] or [1, 4, 16], for argparse's type=: every value must be a positive
+    integer, or argparse.ArgumentTypeError (its message shows example)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as {example}, got {text!r}")
+    return values
 
 
 def save_checkpoint(path, state):

@@ -8,6 +8,7 @@ import torch
 
 from helpers import assert_one_line_error, run_script
 from minird.experiments import decode_token_by_token, encode, held_out_sets
+from minird.model import KVCache
 from minird.utils import load_model
 
 
@@ -84,6 +85,79 @@ def test_token_by_token_decoding_is_generate_teacher_forced(trained_run, continu
     assert torch.equal(logits.argmax(-1), idx[:, 1:])
 
 
+@pytest.mark.parametrize("strategy", ["full", "compress-s1", "compress-s3"])
+def test_token_by_token_decoding_at_fixed_r_is_generate_with_that_cache(trained_run, strategy):
+    """criterion "none" (kvshare): fixed r, through the cache it is given, as generate with that strategy."""
+    model, _, corpus = load_model(trained_run[0] / "ckpt.pt")
+    x, _, _ = encode(held_out_sets(corpus, 4, 0, 2)["in-distribution"], model)
+    idx, steps = model.generate(x[:, :1], max_new_tokens=10, num_steps=3, cache_lookup_strategy=strategy,
+                                return_steps=True)
+    kv_cache = KVCache(model.config.block_size, strategy, len(model.core))
+    logits, used = decode_token_by_token(model, idx[:, :-1], 3, "none", kv_cache=kv_cache)
+    assert torch.equal(used, steps) and (used == 3).all()
+    assert torch.equal(logits.argmax(-1), idx[:, 1:])
+    assert kv_cache.seq_len == idx.size(1) - 1
+    full, _ = decode_token_by_token(model, idx[:, :-1], 3, "none")
+    # the fixture loops R = 2 blocks: 3 steps write 6 core entries, which 1 or 3 slots cannot all keep
+    assert torch.equal(logits, full) == (strategy == "full")
+
+
+def test_kvshare_compares_cache_strategies(trained_run, tmp_path):
+    report, stdout = run_experiment(trained_run, tmp_path, "kvshare", "--lines=8", "--kv_steps=1,2",
+                                    "--kv_slots=1,2,4")
+    R, P, C, h = 2, 1, 1, 32  # the fixture's core, prelude and coda layers, and width (helpers.TINY_TRAIN)
+    assert (report["R"], report["r_values"]) == (R, [1, 2])
+    strategies = report["strategies"]
+    assert strategies == ["full", "compress-s1", "compress-s2", "compress-s4"]
+    for r in ("1", "2"):
+        for st in strategies:
+            # float32 keys and values, per token: one entry per prelude and coda layer, and the core
+            # entries: R * r for the full cache, at most N slots under compress-sN
+            n = R * int(r) if st == "full" else min(int(st[len("compress-s"):]), R * int(r))
+            assert report["bytes_per_token"][st][r] == (P + C + n) * 2 * h * 4
+    for name, by_strategy in report["results"].items():
+        for st in strategies:
+            assert set(by_strategy[st]) == {"1", "2"}
+            for r, by_hops in by_strategy[st].items():
+                assert by_hops.keys() == by_strategy["full"]["1"].keys() and len(by_hops) > 0
+                assert all(0 <= a <= 1 for a in by_hops.values())
+                assert 0 <= report["overall"][name][st][r] <= 1
+                n = int(st[len("compress-s"):]) if st != "full" else None
+                if n is not None and n >= R * int(r):  # a slot per (step, layer): the full cache
+                    assert by_hops == by_strategy["full"][r]
+                    assert report["overall"][name][st][r] == report["overall"][name]["full"][r]
+    assert set(report["results"]["in-distribution"]["full"]["1"]) == {"0", "1", "2", "3"}
+    assert min(int(h) for h in report["results"]["extrapolation"]["full"]["1"]) >= 4
+    assert "KiB per token" in stdout and "s4" in stdout
+
+
+def test_speculative_writes_what_plain_decoding_writes(trained_run, tmp_path):
+    report, stdout = run_experiment(trained_run, tmp_path, "speculative", "--lines=8", "--cap=4", "--spec_lines=3",
+                                    "--new_tokens=8", "--draft_steps=1,4", "--lookahead_for_draft=2,3")
+    assert (report["r"], report["lines"], report["new_tokens"]) == (4, 3, 8)
+    assert list(report["results"]) == ["one line at a time", "batched (B=3)"]
+    for mode, rows in report["results"].items():
+        plain = rows.pop("plain")
+        assert plain["tokens"] == 3 * 8
+        # plain decoding: a forward for the prompt, then one per token but the last, all at r
+        assert plain["forwards"] == plain["forwards_at_r"] == (3 if mode == "one line at a time" else 1) * 8
+        assert plain["tokens_per_s"] > 0
+        assert [(row["draft_steps"], row["lookahead"]) for row in rows.values()] == [(1, 2), (1, 3), (4, 2), (4, 3)]
+        for row in rows.values():
+            assert row["same_output"] is True and row["tokens"] == plain["tokens"]
+            assert 0 <= row["accepted"] <= row["drafted"] and 0 <= row["acceptance_rate"] <= 1
+            assert row["acceptance_rate"] == pytest.approx(row["accepted"] / row["drafted"])
+            assert row["forwards"] == row["forwards_at_r"] + row["drafted"]  # each drafted token: one forward
+            # every kept token saves a forward at r
+            assert row["forwards_at_r"] == plain["forwards_at_r"] - row["accepted"]
+            assert row["speedup"] == pytest.approx(plain["seconds"] / row["seconds"])
+            assert row["cpu_speedup"] == pytest.approx(plain["cpu_seconds"] / row["cpu_seconds"])
+    _, _, corpus = load_model(trained_run[0] / "ckpt.pt")
+    first = held_out_sets(corpus, 8, 7, 7)["in-distribution"][0]  # --seed and --beyond by default
+    assert report["example"]["prompt"] == first.prompt and len(report["example"]["written"]) == 8
+    assert "speed-up" in stdout and "plain" in stdout
+
+
 def test_latent_reports_trajectories_of_the_answers(trained_run, tmp_path):
     report, stdout = run_experiment(trained_run, tmp_path, "latent", "--cap=6", "--lines=8")
     r = report["r"]
@@ -131,9 +205,19 @@ def test_baselines_train_and_compare_with_the_recurrent_model(trained_run, tmp_p
     (["baselines", "--layers=0"], "--layers"),
     (["latent", "--cap=0"], "positive"),
     (["sideways"], "invalid choice"),
+    (["kvshare", "--kv_slots=0"], "--kv_slots"),
+    (["speculative", "--draft_steps=1,x"], "--draft_steps"),
+    (["speculative", "--spec_lines=0"], "positive"),
 ])
 def test_bad_arguments_are_one_line_errors(args, fragment):
     assert_one_line_error(run_script("-m", "minird.experiments", *args), fragment)
+
+
+def test_drafting_deeper_than_the_verify_is_a_one_line_error(trained_run, tmp_path):
+    shutil.copy(trained_run[0] / "ckpt.pt", tmp_path / "ckpt.pt")
+    result = run_script("-m", "minird.experiments", "speculative", f"--ckpt={tmp_path / 'ckpt.pt'}", "--cap=2",
+                        "--draft_steps=3", "--lines=4", "--spec_lines=2", "--new_tokens=4")
+    assert_one_line_error(result, "draft_steps must be an integer from 1 to num_steps = 2")
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
