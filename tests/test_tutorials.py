@@ -33,8 +33,12 @@ def test_chapter(chapter):
 
 
 # The other side of the chapters that adapt to what exists on the machine: chapter 8 without the
-# compiled extension (a reader with no compiler), chapter 5 without a trained checkpoint (CI: the
-# chapter uses an untrained stand-in; where out-tiny/ckpt.pt exists, test_chapter ran on the real one).
+# compiled extension (a reader with no compiler), the chapters on a trained model without its
+# checkpoint (CI: they use an untrained stand-in; where out-tiny/ckpt.pt exists, test_chapter ran
+# on the real one).
+CHECKPOINT_CHAPTERS = ("05_", "06_", "07_", "09_")
+
+
 def test_kernel_chapter_without_extension():
     (chapter,) = [c for c in CHAPTERS if c.startswith("08_")]
     result = run_tutorial("--ci", "--without-extension", f"tutorials/{chapter}")
@@ -43,8 +47,9 @@ def test_kernel_chapter_without_extension():
 
 
 @pytest.mark.skipif(not DEFAULT_CKPT.exists(), reason="no out-tiny/ckpt.pt: test_chapter already ran the stand-in")
-def test_depth_chapter_without_checkpoint(tmp_path):
-    (chapter,) = [c for c in CHAPTERS if c.startswith("05_")]
+@pytest.mark.parametrize("prefix", CHECKPOINT_CHAPTERS)
+def test_chapter_without_checkpoint(prefix, tmp_path):
+    (chapter,) = [c for c in CHAPTERS if c.startswith(prefix)]
     result = run_tutorial("--ci", f"tutorials/{chapter}", env={"MINIRD_CKPT": str(tmp_path / "missing.pt")})
     check(result)
     assert "stand-in" in result.stdout
@@ -80,3 +85,9 @@ def test_index_lists_every_chapter():
     index = (ROOT / "tutorials" / "README.md").read_text()
     linked = re.findall(r"\]\((\d\d_[^)]+\.md)\)", index)
     assert linked == CHAPTERS, f"tutorials/README.md links {linked}, the chapters are {CHAPTERS}"
+
+
+def test_project_readme_lists_every_chapter():
+    readme = (ROOT / "README.md").read_text()
+    linked = re.findall(r"\]\(tutorials/(\d\d_[^)]+\.md)\)", readme)
+    assert linked == CHAPTERS, f"README.md links {linked}, the chapters are {CHAPTERS}"
