@@ -140,7 +140,8 @@ def resolve(name):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("chapters", nargs="*", help="chapter numbers or paths")
     parser.add_argument("--all", action="store_true", help="every chapter, in reading order")
     parser.add_argument("--ci", action="store_true", help="skip the blocks marked no-ci")
