@@ -197,26 +197,18 @@ def save_depth_figure(report, path, plt):
 @torch.no_grad()
 def decode_token_by_token(model, x, cap, criterion, continuous_compute=False, threshold="auto", kv_cache=None):
     """Feed x (B, T) one token at a time through a KV cache with adaptive exit (at most cap steps;
-    criterion "none": exactly cap steps), exactly as model.generate feeds the tokens it writes
-    (tests/test_experiments.py checks that), except that the next token is x's and not the model's.
+    criterion "none": exactly cap steps) with model.feed, as model.generate feeds the tokens it
+    writes (tests/test_experiments.py checks that), except that the next token is x's and not the model's.
     kv_cache: an empty KVCache to fill (kvshare passes compress-sN ones and reads their size
     after); default a full one. Returns logits (B, T, vocab) and steps used (B, T)."""
     if kv_cache is None:
         kv_cache = KVCache(model.config.block_size, "full", len(model.core))
     s, logits, steps = None, [], []
     for t in range(x.size(1)):
-        ids = x[:, t:t + 1]
-        cos, sin, mask = model._positions(ids, kv_cache)
-        e = model.embed(ids, cos, sin, kv_cache, mask)
-        s0 = s if continuous_compute else None
-        if criterion == "none":
-            s, used = model.iterate(e, (cap, 0), cos, sin, kv_cache, mask, s0=s0), torch.full_like(ids, cap)
-        else:
-            rule = ExitCriterion(criterion, threshold, ids.shape, model.config.vocab_size, x.device)
-            s, used = model.iterate_adaptive(e, cap, cos, sin, rule, 1, kv_cache, mask, s0)
-        logits.append(model.decode(s, cos, sin, kv_cache, mask))
+        token_logits, used, s = model.feed(x[:, t:t + 1], kv_cache, cap, criterion, threshold,
+                                           s0=s if continuous_compute else None)
+        logits.append(token_logits)
         steps.append(used)
-        kv_cache.seq_len += 1
     return torch.cat(logits, dim=1), torch.cat(steps, dim=1)
 
 

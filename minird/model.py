@@ -602,6 +602,28 @@ class RecurrentDepthLM(nn.Module):
         return [self.decode(s, cos, sin) for s in self.iterate(e, (0, num_steps), cos, sin, keep_states=True)]
 
     @torch.no_grad()
+    def feed(self, new_ids, kv_cache, num_steps, criterion="none", exit_threshold="auto", min_steps=1, s0=None,
+             attention_mask=None):
+        """One forward of new_ids (B, T) after the tokens already in kv_cache, the way generate
+        feeds every prompt, drafted or written token: num_steps steps (criterion "none") or per-token
+        adaptive exit capped at num_steps. Returns logits (B, T, vocab), the steps each token used
+        (B, T; 0 at padding) and the final state s (B, T, h); kv_cache then holds new_ids too."""
+        cos, sin, mask = self._positions(new_ids, kv_cache, attention_mask)
+        e = self.embed(new_ids, cos, sin, kv_cache, mask, attention_mask)
+        if criterion == "none":
+            s = self.iterate(e, (num_steps, 0), cos, sin, kv_cache, mask, s0=s0)
+            used = torch.full(new_ids.shape, num_steps, device=new_ids.device)
+            if attention_mask is not None:
+                used = used * attention_mask
+        else:
+            rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, self.config.vocab_size, new_ids.device)
+            s, used = self.iterate_adaptive(e, num_steps, cos, sin, rule, min_steps, kv_cache, mask, s0,
+                                            attention_mask)
+        logits = self.decode(s, cos, sin, kv_cache, mask)
+        kv_cache.seq_len += new_ids.size(1)
+        return logits, used, s
+
+    @torch.no_grad()
     def generate(self, idx, max_new_tokens, num_steps=None, temperature=0.0, top_k=None, stop_token=None,
                  criterion="none", exit_threshold="auto", min_steps=1, continuous_compute=False,
                  cache_lookup_strategy="full", attention_mask=None, draft_steps=None, lookahead_for_draft=8,
@@ -666,21 +688,9 @@ class RecurrentDepthLM(nn.Module):
         stats = DraftStats()
 
         def step_tokens(new_ids, steps, s0=None, attention_mask=None):
-            """Logits for new_ids after those in the cache at `steps`, the steps each token used, the final state."""
-            cos, sin, mask = self._positions(new_ids, kv_cache, attention_mask)
-            e = self.embed(new_ids, cos, sin, kv_cache, mask, attention_mask)
-            if criterion == "none":
-                s = self.iterate(e, (steps, 0), cos, sin, kv_cache, mask, s0=s0)
-                used = torch.full(new_ids.shape, steps, device=new_ids.device)
-                if attention_mask is not None:
-                    used = used * attention_mask
-            else:
-                rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, self.config.vocab_size, new_ids.device)
-                s, used = self.iterate_adaptive(e, steps, cos, sin, rule, min_steps, kv_cache, mask, s0, attention_mask)
-            logits = self.decode(s, cos, sin, kv_cache, mask)
-            kv_cache.seq_len += new_ids.size(1)
+            """feed() with this call's cache and exit policy, counted in stats."""
             stats.forwards += 1
-            return logits, used, s
+            return self.feed(new_ids, kv_cache, steps, criterion, exit_threshold, min_steps, s0, attention_mask)
 
         def choose(logits):
             """The next token (B, 1) from logits (B, vocab): greedy, or sampled at temperature among the top_k."""
