@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minird.data import CharTokenizer, CorpusConfig, encode_batch, sample_extrapolation_problems, sample_problems
-from minird.model import GPTConfig, RecurrentDepthLM
+from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 from minird.utils import (ConfigError, accuracy_by_hops, apply_overrides, load_checkpoint,
                                 print_depth_table, save_checkpoint, save_depth_plot)
 
@@ -31,7 +31,7 @@ from minird.utils import (ConfigError, accuracy_by_hops, apply_overrides, load_c
 out_dir = "out-tiny"
 eval_interval = 500  # iterations between evaluations (and checkpoints)
 resume = False  # continue from out_dir/ckpt.pt
-# model (see minird/model.py GPTConfig for what each means)
+# model (see minird/model.py RecurrentDepthConfig for what each means)
 n_embd = 64
 n_head = 1  # one head of 64: matching a name among ~50 in one head of 16 made the first lookup a lottery
 intermediate_size = 128
@@ -154,7 +154,7 @@ if resume:
     # continued where it stopped, so all ranks stay in lockstep
     data_rng = random.Random(f"{seed}-{rank}-{iter_num}")
     steps_rng.set_state(ckpt["steps_rng"])
-model = RecurrentDepthLM(GPTConfig(**model_args)).to(device)
+model = RecurrentDepthLM(RecurrentDepthConfig(**model_args)).to(device)
 optimizer = torch.optim.AdamW(
     [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
      {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],

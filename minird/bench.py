@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.model import GPTConfig, KVCache, RecurrentDepthLM
+from minird.model import RecurrentDepthConfig, KVCache, RecurrentDepthLM
 
 R = 4          # core blocks
 STEPS = 4      # recurrent steps timed together (decode: r for one token; training: k grad steps)
@@ -41,7 +41,7 @@ CACHE = 128    # decode: tokens already in the KV cache
 
 
 def bench_config(h):
-    return GPTConfig(vocab_size=256, block_size=512, n_embd=h, n_head=h // 64, intermediate_size=4 * h,
+    return RecurrentDepthConfig(vocab_size=256, block_size=512, n_embd=h, n_head=h // 64, intermediate_size=4 * h,
                      n_layers_in_recurrent_block=R, mean_recurrence=STEPS, use_kernels=False)
 
 

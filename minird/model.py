@@ -12,7 +12,7 @@ nanoGPT is the loop in `RecurrentDepthLM.iterate`:
     s0 ~ noise -> [ adapter(cat[s, e]) -> core blocks ] x r -> ln_f -> coda -> ln_f -> lm_head
 
 Deliberate differences from Huginn-0125 (3.5B) are sizes (tiny defaults, no prelude or coda
-layers: see GPTConfig), a character vocabulary, two switches that Huginn's settings can be
+layers: see RecurrentDepthConfig), a character vocabulary, two switches that Huginn's settings can be
 restored with (`token_shift=False`, `init="takase"`), and an optional per-step loss in training
 (`forward(..., target_lookups=...)`). Each was measured at this tiny size to decide whether the
 model learns its lookups, and uses its steps, at all (docs/TRAINING_LOG.md); each is commented
@@ -310,7 +310,7 @@ class DraftStats:
 
 
 @dataclass
-class GPTConfig:
+class RecurrentDepthConfig:
     vocab_size: int = 16  # character vocabulary of the toy corpus (Huginn: 65536 BPE tokens)
     block_size: int = 128  # longest sequence (RoPE table size)
     n_embd: int = 64  # h (Huginn: 5280)

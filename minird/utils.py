@@ -8,7 +8,7 @@ import tempfile
 import torch
 
 from minird.data import CharTokenizer, CorpusConfig
-from minird.model import GPTConfig, RecurrentDepthLM
+from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 
 
 class ConfigError(ValueError):
@@ -85,7 +85,7 @@ def load_model(path):
     if it does not load."""
     ckpt = load_checkpoint(path)
     try:
-        model = RecurrentDepthLM(GPTConfig(**ckpt["model_args"]))
+        model = RecurrentDepthLM(RecurrentDepthConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as err:  # written by another version of minird
         raise ValueError(f"{path} does not fit this version of minird ({type(err).__name__})") from None

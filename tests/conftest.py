@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import TINY_ITERS, TINY_TRAIN, run_script
-from minird.model import GPTConfig
+from minird.model import RecurrentDepthConfig
 
 
 @pytest.fixture
@@ -11,7 +11,7 @@ def tiny_config():
     """A model config for unit tests of the reference code in minird/model.py: with the kernels
     off, the steps run through core_step, which the tests count (tests/test_ops.py checks that
     the kernels compute the same function)."""
-    return GPTConfig(vocab_size=16, block_size=32, n_embd=32, n_head=2, intermediate_size=48,
+    return RecurrentDepthConfig(vocab_size=16, block_size=32, n_embd=32, n_head=2, intermediate_size=48,
                      n_layers_in_prelude=1, n_layers_in_recurrent_block=2, n_layers_in_coda=1,
                      mean_recurrence=3, mean_backprop_depth=2, use_kernels=False)
 

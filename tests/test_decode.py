@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.model import GPTConfig, RecurrentDepthLM
+from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 
 
 def has_decode_kernel():
@@ -59,7 +59,7 @@ def core_weights(h, n_head, R, dtype):
     N(0, 1/fan_in) times 0.5 (Wqkv times 1: q.k / sqrt(hs) ~ N(0, 1), attention far from uniform),
     norm weights 1 + 0.1 N(0, 1), q/k bias 0.1 N(0, 1)."""
     I = 4 * h if h >= 256 else 2 * h + 32  # bench: 4h; small h: an I that is no multiple of h
-    config = GPTConfig(vocab_size=17, block_size=L, n_embd=h, n_head=n_head, intermediate_size=I,
+    config = RecurrentDepthConfig(vocab_size=17, block_size=L, n_embd=h, n_head=n_head, intermediate_size=I,
                        n_layers_in_recurrent_block=R)
     torch.manual_seed(h + 7 * n_head + R)
     model = RecurrentDepthLM(config)

@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.model import GPTConfig, KVCache, RecurrentDepthLM, RMSNorm, apply_rope, precompute_rope
+from minird.model import RecurrentDepthConfig, KVCache, RecurrentDepthLM, RMSNorm, apply_rope, precompute_rope
 
 pytestmark = pytest.mark.skipif(not ops.BUILT, reason="minird._C is not built")
 
@@ -161,7 +161,7 @@ def random_mask(B, T, device):
 
 
 def small_model(device, dtype, h=96, n_head=4, R=3, **kw):
-    config = GPTConfig(vocab_size=17, block_size=64, n_embd=h, n_head=n_head, intermediate_size=2 * h + 32,
+    config = RecurrentDepthConfig(vocab_size=17, block_size=64, n_embd=h, n_head=n_head, intermediate_size=2 * h + 32,
                        n_layers_in_recurrent_block=R, mean_recurrence=3, **kw)
     torch.manual_seed(0)
     model = RecurrentDepthLM(config).to(device, dtype)
@@ -354,8 +354,8 @@ def test_compile_fullgraph_matches_eager():
 def test_switches_and_missing_extension():
     """MINIRD_KERNELS=0 turns the kernels off; without minird._C the model runs, after a one-line warning."""
     code = ("import sys, torch; {setup}\n"
-            "from minird import ops; from minird.model import GPTConfig, RecurrentDepthLM\n"
-            "RecurrentDepthLM(GPTConfig())(torch.zeros(1, 3, dtype=torch.long))\n"
+            "from minird import ops; from minird.model import RecurrentDepthConfig, RecurrentDepthLM\n"
+            "RecurrentDepthLM(RecurrentDepthConfig())(torch.zeros(1, 3, dtype=torch.long))\n"
             "print(ops.BUILT, ops.kernels_available('cpu'))")
     run = lambda setup, env: subprocess.run([sys.executable, "-c", code.format(setup=setup)],  # noqa: E731
                                             env={**os.environ, **env}, capture_output=True, text=True, check=True)

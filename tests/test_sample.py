@@ -8,7 +8,7 @@ import torch
 
 from helpers import assert_one_line_error, reference_answers, run_script
 from minird.data import CharTokenizer
-from minird.model import GPTConfig, RecurrentDepthLM
+from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 from minird.utils import load_checkpoint, save_checkpoint
 
 
@@ -39,7 +39,7 @@ def greedy_answer(model, prompt, r):
 def checkpoint(trained_run):
     path = trained_run[0] / "ckpt.pt"
     ckpt = load_checkpoint(path)
-    model = RecurrentDepthLM(GPTConfig(**ckpt["model_args"])).eval()
+    model = RecurrentDepthLM(RecurrentDepthConfig(**ckpt["model_args"])).eval()
     model.load_state_dict(ckpt["model"])
     assert model.config.init_scale == 0  # s0 = 0: the answers are deterministic
     return path, model, ckpt["corpus"]

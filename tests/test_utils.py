@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minird.data import CharTokenizer, CorpusConfig
-from minird.model import GPTConfig, RecurrentDepthLM
+from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 from minird.utils import ConfigError, apply_overrides, load_checkpoint, save_checkpoint
 
 
@@ -36,7 +36,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_config):
     save_checkpoint(path, state)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed, not left behind
     ckpt = load_checkpoint(path)
-    loaded = RecurrentDepthLM(GPTConfig(**ckpt["model_args"]))
+    loaded = RecurrentDepthLM(RecurrentDepthConfig(**ckpt["model_args"]))
     loaded.load_state_dict(ckpt["model"])
     assert ckpt["iter_num"] == 7 and ckpt["tokenizer"] == CharTokenizer().chars
     idx = torch.randint(0, tiny_config.vocab_size, (2, 8))
