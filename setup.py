@@ -55,8 +55,8 @@ setup(
     description="A minimal recurrent-depth (latent reasoning) language model",
     packages=find_packages(include=["minird", "minird.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "tqdm"],
-    extras_require={"plot": ["matplotlib"], "test": ["pytest"]},
+    install_requires=["torch", "tqdm", "safetensors", "tokenizers"],
+    extras_require={"plot": ["matplotlib"], "test": ["pytest"], "hf": ["huggingface_hub"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
