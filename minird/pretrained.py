@@ -29,9 +29,9 @@ What minird cannot represent, and so refuses (the official code has switches for
 without using them in its own minimal model): grouped-query attention (num_key_value_heads != n_heads),
 untied embeddings, linear biases (`bias`), no q/k bias, other block, norm, MLP, nonlinearity or
 injection classes, another initial state, test-time noise, orthogonal init, another step sampler, and
-init strategies other than "takase" (Huginn's) and "bert" (std 0.02 everywhere: minird's init="normal"). These
-must have Huginn's values (UNSUPPORTED_IF_NOT); a field that config.json omits takes RavenConfig's
-default, as in the official code. Ignored, because they do not change the function: padding_multiple
+init strategies other than "takase" (Huginn's) and "bert" (std 0.02 everywhere: minird's "normal").
+These must have Huginn's values (UNSUPPORTED_IF_NOT); a field that config.json omits takes
+RavenConfig's default, as in the official code. Ignored, because they do not change the function: padding_multiple
 (the vocabulary is already padded), activation_checkpoint_impl, torch_dtype, the derived fields
 (head_dim, init_values, effective_expected_depth) and Hugging Face's generic fields. The other way,
 the official layout cannot hold minird's token_shift or an unscaled embedding: save_pretrained
