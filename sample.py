@@ -14,6 +14,7 @@ All prompts go through generate as one batch, padded on the left (each row as if
 """
 
 import argparse
+import os
 import random
 import re
 import sys
@@ -21,13 +22,10 @@ import sys
 import torch
 
 from minird.data import DIGITS, NAMES, sample_extrapolation_problems, solve
-from minird.model import EXIT_THRESHOLDS, left_pad, parse_lookup_strategy
-from minird.utils import load_model, positive_ints
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, not argparse's usage block
-        self.exit(2, f"sample.py: {message}\n")
+from minird.checkpoint import load_model
+from minird.cli import Parser, positive_int, positive_ints
+from minird.generate import EXIT_THRESHOLDS, generate, left_pad
+from minird.kv_cache import kv_cache_bytes, parse_lookup_strategy
 
 
 def parse_steps(text):
@@ -45,18 +43,8 @@ def parse_threshold(text):
     raise argparse.ArgumentTypeError(f"expected auto or a non-negative number, got {text!r}")
 
 
-def parse_positive(text):
-    """A positive integer."""
-    try:
-        if int(text) >= 1:
-            return int(text)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-
-
 def parse_strategy(text):
-    """'full' or 'compress-sN' (minird.model.parse_lookup_strategy)."""
+    """'full' or 'compress-sN', or the official names of the same (minird.kv_cache.parse_lookup_strategy)."""
     try:
         parse_lookup_strategy(text)
     except ValueError as err:
@@ -64,7 +52,7 @@ def parse_strategy(text):
     return text
 
 
-parser = Parser(description="Complete and check prompts with a trained minird checkpoint.")
+parser = Parser(prog="sample.py", description="Complete and check prompts with a trained minird checkpoint.")
 parser.add_argument("--steps", type=parse_steps, default=None,
                     help="recurrent steps r at test time: 8, or 1,4,16,64 for a side-by-side table "
                          "(default: the training mean)")
@@ -76,17 +64,17 @@ parser.add_argument("--criterion", default="none", choices=["none", *EXIT_THRESH
                     help="adaptive exit: each token stops when this criterion says it has converged; "
                          "--steps is then the cap, and the table shows the steps the answer used")
 parser.add_argument("--exit_threshold", type=parse_threshold, default="auto",
-                    help="threshold of --criterion (auto: the official defaults, minird.model.EXIT_THRESHOLDS)")
-parser.add_argument("--min_steps", type=parse_positive, default=1,
+                    help="threshold of --criterion (auto: the official defaults, minird.generate.EXIT_THRESHOLDS)")
+parser.add_argument("--min_steps", type=positive_int, default=1,
                     help="adaptive exit: steps every token runs at least")
 parser.add_argument("--cache_lookup_strategy", type=parse_strategy, default="full",
                     help="KV cache: full (one entry per step and core layer) or compress-sN (N shared slots)")
-parser.add_argument("--draft_steps", type=parse_positive, default=None,
+parser.add_argument("--draft_steps", type=positive_int, default=None,
                     help="self-speculative decoding: draft tokens at this many steps, verify them at r in one "
                          "forward (same output as without; needs --new_tokens > 1 to draft anything)")
-parser.add_argument("--lookahead_for_draft", type=parse_positive, default=8,
+parser.add_argument("--lookahead_for_draft", type=positive_int, default=8,
                     help="self-speculative decoding: tokens drafted per round")
-parser.add_argument("--new_tokens", type=parse_positive, default=1,
+parser.add_argument("--new_tokens", type=positive_int, default=1,
                     help="tokens written after each prompt: the answer, then what the model writes next "
                          "(printed after the table)")
 parser.add_argument("--trace", action="store_true",
@@ -139,6 +127,18 @@ def print_trace(model, tokenizer, prompt, want, num_steps):
     print(f"  {'p(want)':<10}" + "".join(cell(f"{p[tokenizer.stoi[want]].item():.2f}") for p in probs))
 
 
+def check_memory(model, batch, length, num_steps, strategy):
+    """ValueError, before any work, when the KV cache at num_steps would take over half of this
+    machine's memory: with the full cache every step keeps its own keys (bytes grow with r)."""
+    needed = kv_cache_bytes(model.config, batch, length, num_steps, strategy)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory / 2:
+        raise ValueError(f"--steps {num_steps} needs a KV cache of {needed / 2**30:.1f} GiB for {batch} prompts "
+                         f"(this machine has {memory / 2**30:.1f} GiB): use fewer steps, or "
+                         f"--cache_lookup_strategy compress-s{model.config.n_layers_in_recurrent_block} "
+                         f"(one step's worth of keys, whatever r)")
+
+
 def main():
     args = parser.parse_args()
     try:
@@ -150,11 +150,15 @@ def main():
         torch.manual_seed(args.seed)  # s0 is noise when the model was trained with init_scale > 0
         # all prompts in one batch, padded on the left: generate masks the padding out
         idx, attention_mask = left_pad([tokenizer.encode(p) for p, _ in prompts])
-        runs = {r: model.generate(idx, args.new_tokens, num_steps=r, criterion=args.criterion,
-                                  exit_threshold=args.exit_threshold, min_steps=args.min_steps,
-                                  cache_lookup_strategy=args.cache_lookup_strategy, attention_mask=attention_mask,
-                                  draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft,
-                                  return_steps=True, return_stats=True)
+        room = max(1, block_size - idx.size(1))  # the last written token is never fed back
+        if args.new_tokens > room:
+            raise ValueError(f"--new_tokens {args.new_tokens} does not fit after the longest prompt "
+                             f"({idx.size(1)} of the model's {block_size} positions): use --new_tokens <= {room}")
+        check_memory(model, idx.size(0), idx.size(1) + args.new_tokens, max(steps), args.cache_lookup_strategy)
+        runs = {r: generate(model, idx, args.new_tokens, num_steps=r, criterion=args.criterion,
+                            exit_threshold=args.exit_threshold, min_steps=args.min_steps,
+                            cache_lookup_strategy=args.cache_lookup_strategy, attention_mask=attention_mask,
+                            draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft)
                 for r in steps}
     except ValueError as err:
         sys.exit(f"sample.py: {err}")
@@ -168,7 +172,7 @@ def main():
     for b, ((prompt, hops), want) in enumerate(zip(prompts, wanted)):
         cells = []
         for i, r in enumerate(steps):
-            out, used, _ = runs[r]
+            out, used = runs[r].ids, runs[r].steps
             answer = tokenizer.decode([out[b, T].item()])
             right[i] += answer == want
             cells.append(f"{repr(answer)[1:-1]} {'ok' if answer == want else 'x'}"  # repr: a newline shows as \n
@@ -185,10 +189,10 @@ def main():
         for r in steps:
             print(f"\nwritten after each prompt at r={r} (the model was trained to write answers only):")
             for b, (prompt, _) in enumerate(prompts):
-                print(f"  {prompt} -> {tokenizer.decode(runs[r][0][b, T:].tolist())!r}")
+                print(f"  {prompt} -> {tokenizer.decode(runs[r].ids[b, T:].tolist())!r}")
     if args.draft_steps is not None:
         for r in steps:
-            stats = runs[r][2]
+            stats = runs[r].stats
             print(f"self-speculative decoding at r={r}: drafts of {args.lookahead_for_draft} tokens at "
                   f"{args.draft_steps} steps, {stats.accepted}/{stats.drafted} drafted tokens kept "
                   f"({100 * stats.acceptance_rate:.0f}%), {stats.forwards} forwards")

@@ -13,7 +13,7 @@ minird + graph  the same, captured and replayed (CUDA only)
 decode kernel   decode only, CUDA only: decode_steps, all r steps of the token in one persistent kernel
                 (+ graph: captured and replayed)
 
-Cases (SPEC section 4): (a) decode: B=1, one new token after a KV cache of 128 tokens, r=4 steps
+Cases (docs/ARCHITECTURE.md, "the fused step"): (a) decode: B=1, one new token after a KV cache of 128 tokens, r=4 steps
 for the token, h=256 and 1024; bf16 on GPU, fp32 on CPU. (b) training: B=64, T=256, h=256,
 forward + backward through 4 steps (on the 2-core CPU, B=8 so that the run ends in minutes).
 All: R=4 core blocks, heads of 64, SwiGLU inner size 4h. Times are us per recurrent step
@@ -23,7 +23,6 @@ The floor is what no implementation can beat: the bytes a step must read (weight
 cache at decode) over measured memory bandwidth, or its matrix FLOPs over measured peak FLOP/s.
 """
 
-import argparse
 import statistics
 import sys
 import time
@@ -33,7 +32,10 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.model import RecurrentDepthConfig, KVCache, RecurrentDepthLM
+from minird.cli import Parser
+from minird.generate import feed
+from minird.kv_cache import KVCache
+from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 
 R = 4          # core blocks
 STEPS = 4      # recurrent steps timed together (decode: r for one token; training: k grad steps)
@@ -42,7 +44,15 @@ CACHE = 128    # decode: tokens already in the KV cache
 
 def bench_config(h):
     return RecurrentDepthConfig(vocab_size=256, block_size=512, n_embd=h, n_head=h // 64, intermediate_size=4 * h,
-                     n_layers_in_recurrent_block=R, mean_recurrence=STEPS, use_kernels=False)
+                                n_layers_in_recurrent_block=R, mean_recurrence=STEPS)
+
+
+def bench_model(h, device, dtype):
+    """The model of the cases, on the reference path: the eager columns time the plain PyTorch code."""
+    torch.manual_seed(0)
+    model = RecurrentDepthLM(bench_config(h)).to(device, dtype)
+    model.use_kernels = False
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -130,14 +140,12 @@ def step_params(model):
 
 def decode_case(device, dtype, h):
     """Variants for decode (one token, KV cache of CACHE tokens), each running STEPS steps."""
-    torch.manual_seed(0)
-    model = RecurrentDepthLM(bench_config(h)).to(device, dtype).eval()
+    model = bench_model(h, device, dtype).eval()
     W, nh, eps = model.adapter.weight, model.core[0].attn.n_head, model.core[0].norm_1.eps
     # The cache holds CACHE tokens; every timed call writes the new token at position CACHE (the
     # same place each time: the cache does not grow while the step is repeated).
-    cache = KVCache(bench_config(h).block_size, n_core_layers=R)
-    with torch.no_grad():
-        model(torch.randint(0, 256, (1, CACHE), device=device), num_steps=STEPS, kv_cache=cache)
+    cache = KVCache(CACHE + 1, n_core_layers=R)
+    feed(model, torch.randint(0, 256, (1, CACHE), device=device), cache, STEPS)
     cos, sin = model.rope_cos[CACHE:CACHE + 1], model.rope_sin[CACHE:CACHE + 1]
     mask = torch.ones(1, CACHE + 1, dtype=torch.bool, device=device)  # what model.forward passes
     s = torch.randn(1, 1, h, device=device, dtype=dtype)
@@ -177,8 +185,8 @@ def decode_case(device, dtype, h):
 
 def train_case(device, dtype, B, T, h):
     """Variants for training: forward + backward through STEPS steps with gradient."""
-    torch.manual_seed(0)
-    model = RecurrentDepthLM(bench_config(h)).to(device, dtype).train()
+    model = bench_model(h, device, dtype).train()
+    nh, eps = model.config.n_head, model.config.norm_eps
     W = model.adapter.weight
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     s = torch.randn(B, T, h, device=device, dtype=dtype)
@@ -190,10 +198,12 @@ def train_case(device, dtype, B, T, h):
             s = model.core_step(s, e, cos, sin, step)
         return s
 
+    weights = ops.block_weights(model.core)
+
     def minird_steps(s, e):
         e_proj = F.linear(e, W[:, h:])
         for step in range(STEPS):
-            s = ops.core_step(model, s, e_proj, cos, sin, step)
+            s = ops.core_step(s, e_proj, W, weights, nh, eps, cos, sin, step)
         return s
 
     compiled = torch.compile(eager_steps)
@@ -261,11 +271,16 @@ def run_device(device):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
+    parser = Parser(prog="minird.bench", description=__doc__.splitlines()[1])
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                        help="all: the CPU, and the GPU where there is one")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (default: torch's); 1 is steadier on a CPU shared with other work")
+                        help="CPU threads (default 0: torch's); 1 is steadier on a CPU shared with other work")
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda but this torch has no CUDA device (torch.cuda.is_available() is False)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if not ops.BUILT:
@@ -276,7 +291,7 @@ def main(argv):
             print("no CUDA device: skipping the GPU table")
             continue
         if device == "cpu":
-            torch.set_flush_denormal(True)  # SPEC section 5: denormals make CPU elementwise ops ~10x slower
+            torch.set_flush_denormal(True)  # denormals made CPU elementwise ops ~10x slower (docs/TRAINING_LOG.md)
         run_device(device)
 
 

@@ -14,12 +14,12 @@ it copies; every definition comes before its uses. A query `?x` is answered with
 the root of x's chain, and the number of hops from x to its root is the query's difficulty:
 hop 0 is a single lookup, hop d needs d + 1 chained lookups.
 
-What keeps the answer from being guessed (SPEC section 5): every chain has its own root digit, so
-the answer is one of the line's roots; chains are interleaved at random, so neither position nor
-recency tells which root is whose; a distractor chain is never asked, so elimination of the roots
-already answered in the line does not give the last answer away. That guess is still worth
-something: with 3 queried chains and 1 distractor it scores (1/4 + 1/3 + 1/2) / 3 = 36%, which is
-the level to beat (docs/TRAINING_LOG.md).
+What keeps the answer from being guessed (docs/TRAINING_LOG.md, "Where the recipe started"):
+every chain has its own root digit, so the answer is one of the line's roots; chains are
+interleaved at random, so neither position nor recency tells which root is whose; a distractor
+chain is never asked, so elimination of the roots already answered in the line does not give the
+last answer away. That guess is still worth something: with 3 queried chains and 1 distractor it
+scores (1/4 + 1/3 + 1/2) / 3 = 36%, which is the level to beat (docs/TRAINING_LOG.md).
 """
 
 from dataclasses import dataclass

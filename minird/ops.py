@@ -1,7 +1,8 @@
 """
 The fused recurrent step from Python: loads the C++/CUDA extension minird._C, tells torch how to
 trace its ops (fake tensors, so torch.compile(fullgraph=True) works) and how to differentiate
-them (the backward is made of ops too), and runs RecurrentDepthLM.iterate on them.
+them (the backward is made of ops too), and runs the steps of RecurrentDepthLM.iterate on them.
+This layer takes tensors (the state, the weights), not the model: the model draws s0 and calls it.
 
 The ops (schemas in csrc/ops.cpp; each kernel file says what it fuses and why):
     add_rmsnorm(x, y, w, w_next)   norm(x + y) * w, and norm of that * w_next, in one pass
@@ -16,7 +17,7 @@ The ops (schemas in csrc/ops.cpp; each kernel file says what it fuses and why):
 The plain PyTorch code in minird/model.py is the specification: with the kernels on or off the
 model computes the same function (tests/test_ops.py checks it). Kernels are off when minird._C
 is not built (a one-line warning says so), when MINIRD_KERNELS=0 is set before import, or when
-the model's config has use_kernels=False.
+a model's use_kernels attribute is False.
 """
 
 import logging
@@ -98,14 +99,86 @@ def decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_
                                          pos, num_steps, n_head, eps)
 
 
+# The tensors of one core block, in the order recurrent_steps takes them (csrc/ops.cpp, BlockWeight).
+BLOCK_TENSORS = ("norm_1", "Wqkv", "qk_bias", "attn_proj", "norm_2", "norm_3", "fc", "mlp_proj", "norm_4")
+
+
+# -----------------------------------------------------------------------------
+# fake (meta) kernels: the output shapes, after the checks the C++ side makes (csrc/minird.h), with
+# its messages, so that a traced call (torch.compile, meta tensors) fails where a real one would
+
+
+def _check(ok, op, message):
+    if not ok:
+        raise RuntimeError(f"{op}: {message}")
+
+
+def _check_shape(t, op, name, expected):
+    _check(list(t.shape) == list(expected), op, f"{name} must have shape {list(expected)}, got {list(t.shape)}")
+
+
+def _check_add_rmsnorm(op, x, y, weight, weight_next):
+    h = x.shape[-1]
+    if y is not None:
+        _check_shape(y, op, "y", x.shape)
+    _check_shape(weight, op, "weight", [h])
+    if weight_next is not None:
+        _check_shape(weight_next, op, "weight_next", [h])
+
+
+def _check_qk_bias_rope(qkv, qk_bias, cos, sin, n_head, op="qk_bias_rope"):
+    _check(qkv.dim() == 3 and qkv.shape[2] % 3 == 0, op, f"qkv must have shape (B, T, 3*h), got {list(qkv.shape)}")
+    h = qkv.shape[2] // 3
+    _check(n_head > 0 and h % n_head == 0 and (h // n_head) % 2 == 0, op,
+           f"n_head={n_head} must divide h={h} into heads of even size")
+    hs = h // n_head
+    _check_shape(qk_bias, op, "qk_bias", [2, 1, n_head, 1, hs])
+    _check_shape(cos, op, "cos", [qkv.shape[1], hs // 2])
+    _check_shape(sin, op, "sin", [qkv.shape[1], hs // 2])
+
+
+def _check_steps(op, s, e_proj, adapter_weight, block_weights, num_steps, n_head, k_cache=None, v_cache=None,
+                 pos=0):
+    _check(s.dim() == 3, op, f"s must have shape (B, T, h), got {list(s.shape)}")
+    _check(num_steps >= 0, op, f"num_steps must be >= 0, got {num_steps}")
+    B, T, h = s.shape
+    _check(len(block_weights) > 0 and len(block_weights) % len(BLOCK_TENSORS) == 0, op,
+           f"block_weights must hold 9 tensors per core block, got {len(block_weights)}")
+    R = len(block_weights) // len(BLOCK_TENSORS)
+    if k_cache is not None:
+        _check(len(k_cache) == num_steps * R and len(v_cache) == len(k_cache), op,
+               f"k_cache and v_cache must hold num_steps * R = {num_steps * R} tensors, got {len(k_cache)} and "
+               f"{len(v_cache)}")
+    _check(n_head > 0 and h % n_head == 0, op, f"n_head={n_head} must divide h={h}")
+    if num_steps > 0:  # the adapter checks these when it first runs
+        _check_shape(e_proj, "adapter", "e_proj", s.shape)
+        _check_shape(adapter_weight, "adapter", "weight", [h, 2 * h])
+    if k_cache and num_steps > 0:
+        L = k_cache[0].shape[2] if k_cache[0].dim() == 4 else -1
+        _check(0 <= pos and pos + T <= L, op, f"positions pos .. pos + T - 1 = {pos} .. {pos + T - 1} must lie in "
+                                              f"the caches' length L = {L}")
+        for t, name in [(t, "k_cache[i]") for t in k_cache] + [(t, "v_cache[i]") for t in v_cache]:
+            _check_shape(t, op, name, [B, n_head, L, h // n_head])
+    I = block_weights[BLOCK_TENSORS.index("fc")].shape[0] // 2
+    for j in range(R):
+        w = dict(zip(BLOCK_TENSORS, block_weights[j * len(BLOCK_TENSORS):(j + 1) * len(BLOCK_TENSORS)]))
+        _check_shape(w["Wqkv"], op, "Wqkv.weight", [3 * h, h])
+        _check_shape(w["attn_proj"], op, "attn.proj.weight", [h, h])
+        _check_shape(w["fc"], op, "mlp.fc.weight", [2 * I, h])
+        _check_shape(w["mlp_proj"], op, "mlp.proj.weight", [h, I])
+
+
 if BUILT:
 
     @torch.library.register_fake("minird::add_rmsnorm")
     def _(x, y, weight, weight_next, eps):
+        _check_add_rmsnorm("add_rmsnorm", x, y, weight, weight_next)
         return torch.empty_like(x), torch.empty_like(x) if weight_next is not None else x.new_empty(0)
 
     @torch.library.register_fake("minird::add_rmsnorm_backward")
     def _(grad_out, grad_next, x, y, weight, weight_next, eps):
+        _check_add_rmsnorm("add_rmsnorm_backward", x, y, weight, weight_next)
+        _check_shape(grad_out, "add_rmsnorm_backward", "grad_out", x.shape)
         gwn = torch.empty_like(weight_next) if weight_next is not None else x.new_empty(0)
         return torch.empty_like(x), torch.empty_like(weight), gwn
 
@@ -129,6 +202,7 @@ if BUILT:
 
     @torch.library.register_fake("minird::swiglu")
     def _(gate_up):
+        _check(gate_up.shape[-1] % 2 == 0, "swiglu", f"gate_up must have shape (..., 2*I), got {list(gate_up.shape)}")
         return gate_up.new_empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,))
 
     @torch.library.register_fake("minird::swiglu_backward")
@@ -146,6 +220,7 @@ if BUILT:
 
     @torch.library.register_fake("minird::qk_bias_rope")
     def _(qkv, qk_bias, cos, sin, n_head):
+        _check_qk_bias_rope(qkv, qk_bias, cos, sin, n_head)
         B, T, h3 = qkv.shape
         shape = (B, n_head, T, h3 // 3 // n_head)
         return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
@@ -173,6 +248,8 @@ if BUILT:
 
     @torch.library.register_fake("minird::adapter")
     def _(s, e_proj, weight):
+        _check_shape(e_proj, "adapter", "e_proj", s.shape)
+        _check_shape(weight, "adapter", "weight", [s.shape[-1], 2 * s.shape[-1]])
         return torch.empty_like(s)
 
     def _adapter_setup(ctx, inputs, output):
@@ -193,84 +270,93 @@ if BUILT:
 
     @torch.library.register_fake("minird::qk_bias_rope_cache")
     def _(qkv, qk_bias, cos, sin, n_head, k_cache, v_cache, pos):
-        B, T, h3 = qkv.shape
+        _check_qk_bias_rope(qkv, qk_bias, cos, sin, n_head)
+        op, (B, T, h3) = "qk_bias_rope_cache", qkv.shape
+        hs = h3 // 3 // n_head
+        _check(k_cache.dim() == 4 and [k_cache.shape[i] for i in (0, 1, 3)] == [B, n_head, hs], op,
+               f"k_cache must have shape (B, nh, L, hs) = ({B}, {n_head}, L, {hs}), got {list(k_cache.shape)}")
+        _check_shape(v_cache, op, "v_cache", k_cache.shape)
+        _check(0 <= pos and pos + T <= k_cache.shape[2], op, f"positions pos .. pos + T - 1 = {pos} .. {pos + T - 1} "
+                                                             f"must lie in the cache's length L = {k_cache.shape[2]}")
         return qkv.new_empty(B, n_head, T, h3 // 3 // n_head)
 
     @torch.library.register_fake("minird::recurrent_steps")
     def _(s, e_proj, adapter_weight, block_weights, cos, sin, mask, num_steps, n_head, eps):
+        _check_steps("recurrent_steps", s, e_proj, adapter_weight, block_weights, num_steps, n_head)
         return torch.empty_like(s)
 
     @torch.library.register_fake("minird::recurrent_steps_cached")
     def _(s, e_proj, adapter_weight, block_weights, cos, sin, mask, k_cache, v_cache, pos, num_steps, n_head, eps):
+        _check_steps("recurrent_steps_cached", s, e_proj, adapter_weight, block_weights, num_steps, n_head, k_cache,
+                     v_cache, pos)
         return torch.empty_like(s)
 
     @torch.library.register_fake("minird::decode_steps")
     def _(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps):
+        _check_steps("decode_steps", s, e_proj, adapter_weight, block_weights, num_steps, n_head, k_cache, v_cache,
+                     pos)
         return torch.empty_like(s)
 
 
 # -----------------------------------------------------------------------------
-# the recurrence on the kernels: RecurrentDepthLM.iterate / core_step, same arguments, same math
-
+# the recurrence on the kernels: RecurrentDepthLM.iterate / core_step, on tensors, same math
 
 def block_weights(core):
-    """The core blocks' tensors in the order recurrent_steps takes them (csrc/ops.cpp, BlockWeight)."""
+    """The core blocks' tensors (R * 9), block after block, each in BLOCK_TENSORS order."""
     return [w for b in core for w in (b.norm_1.weight, b.attn.Wqkv.weight, b.attn.qk_bias, b.attn.proj.weight,
                                       b.norm_2.weight, b.norm_3.weight, b.mlp.fc.weight, b.mlp.proj.weight,
                                       b.norm_4.weight)]
 
 
-def core_step(model, s, e_proj, cos, sin, step, kv_cache=None, mask=None):
+def core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, kv_cache=None, mask=None):
     """One differentiable step on the fused ops: adapter, then the R sandwich blocks, with each
     residual add + norm fused with the following pre-norm (norm_2 with norm_3, norm_4 with the
-    next block's norm_1). Matches RecurrentDepthLM.core_step given e_proj = W_e e."""
-    core = model.core
-    eps = core[0].norm_1.eps
+    next block's norm_1). Matches RecurrentDepthLM.core_step given e_proj = W_e e and weights =
+    block_weights(model.core)."""
+    blocks = [dict(zip(BLOCK_TENSORS, weights[i:i + len(BLOCK_TENSORS)]))
+              for i in range(0, len(weights), len(BLOCK_TENSORS))]
     B, T, h = s.shape
-    s = adapter(s, e_proj, model.adapter.weight)
-    x, _ = add_rmsnorm(s, None, core[0].norm_1.weight, None, eps)
-    for j, block in enumerate(core):
-        attn = block.attn
-        q, k, v = qk_bias_rope(F.linear(x, attn.Wqkv.weight), attn.qk_bias, cos, sin, attn.n_head)
+    s = adapter(s, e_proj, adapter_weight)
+    x, _ = add_rmsnorm(s, None, blocks[0]["norm_1"], None, eps)
+    for j, w in enumerate(blocks):
+        q, k, v = qk_bias_rope(F.linear(x, w["Wqkv"]), w["qk_bias"], cos, sin, n_head)
         if kv_cache is not None:
             k, v = kv_cache.update(("core", step, j), k, v)  # (B, nh, T_past + T, hs)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = F.linear(y.transpose(1, 2).reshape(B, T, h), attn.proj.weight)
-        s, x = add_rmsnorm(s, y, block.norm_2.weight, block.norm_3.weight, eps)
-        y = F.linear(swiglu(F.linear(x, block.mlp.fc.weight)), block.mlp.proj.weight)
-        next_norm_1 = core[j + 1].norm_1.weight if j + 1 < len(core) else None
-        s, x = add_rmsnorm(s, y, block.norm_4.weight, next_norm_1, eps)
+        y = F.linear(y.transpose(1, 2).reshape(B, T, h), w["attn_proj"])
+        s, x = add_rmsnorm(s, y, w["norm_2"], w["norm_3"], eps)
+        y = F.linear(swiglu(F.linear(x, w["fc"])), w["mlp_proj"])
+        next_norm_1 = blocks[j + 1]["norm_1"] if j + 1 < len(blocks) else None
+        s, x = add_rmsnorm(s, y, w["norm_4"], next_norm_1, eps)
     return s
 
 
-def iterate(model, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False, s0=None):
-    """RecurrentDepthLM.iterate on the kernels. The steps without gradient run in one C++ call;
-    the steps with gradient go through core_step's differentiable ops."""
+def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_cache=None, mask=None,
+            keep_states=False):
+    """RecurrentDepthLM.iterate on the kernels, from the state s (B, T, h). The steps without
+    gradient run in one C++ call; the steps with gradient go through core_step's differentiable ops."""
     n_no_grad, n_grad = num_steps
-    s = model.initialize_state(e, init_scale) if s0 is None else s0
     h = e.size(-1)
-    e_proj = F.linear(e, model.adapter.weight[:, h:])  # W_e e: once per forward, reused by every step
+    e_proj = F.linear(e, adapter_weight[:, h:])  # W_e e: once per forward, reused by every step
     if n_no_grad > 0:
         with torch.no_grad():
-            s = _steps_in_cpp(model, s, e_proj, cos, sin, mask, n_no_grad, kv_cache)
+            s = _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, n_no_grad, kv_cache)
     states = []
     for step in range(n_no_grad, n_no_grad + n_grad):
-        s = core_step(model, s, e_proj, cos, sin, step, kv_cache, mask)
+        s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, kv_cache, mask)
         states.append(s)
     return states if keep_states else s
 
 
-def _steps_in_cpp(model, s, e_proj, cos, sin, mask, num_steps, kv_cache):
+def _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, kv_cache):
     """Steps 0 .. num_steps - 1 in one C++ call, writing kv_cache in place; one new token on CUDA
     (decode) runs in the persistent decode_steps kernel."""
-    core = model.core
-    R, n_head, eps = len(core), core[0].attn.n_head, core[0].norm_1.eps
-    weights = block_weights(core)
+    R = len(weights) // len(BLOCK_TENSORS)
     if kv_cache is None:
-        return recurrent_steps(s, e_proj, model.adapter.weight, weights, cos, sin, mask, num_steps, n_head, eps)
+        return recurrent_steps(s, e_proj, adapter_weight, weights, cos, sin, mask, num_steps, n_head, eps)
     B, T, h = s.shape
     k_cache, v_cache = [], []
     for key in [("core", step, j) for step in range(num_steps) for j in range(R)]:
@@ -279,5 +365,5 @@ def _steps_in_cpp(model, s, e_proj, cos, sin, mask, num_steps, kv_cache):
         v_cache.append(v)
     args = (k_cache, v_cache, kv_cache.seq_len, num_steps, n_head, eps)
     if B == 1 and T == 1 and s.device.type == "cuda" and _HAS_DECODE_KERNEL:  # one token sees every cached one
-        return decode_steps(s, e_proj, model.adapter.weight, weights, cos, sin, *args)
-    return recurrent_steps_cached(s, e_proj, model.adapter.weight, weights, cos, sin, mask, *args)
+        return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, *args)
+    return recurrent_steps_cached(s, e_proj, adapter_weight, weights, cos, sin, mask, *args)

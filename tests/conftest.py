@@ -8,12 +8,11 @@ from minird.model import RecurrentDepthConfig
 
 @pytest.fixture
 def tiny_config():
-    """A model config for unit tests of the reference code in minird/model.py: with the kernels
-    off, the steps run through core_step, which the tests count (tests/test_ops.py checks that
-    the kernels compute the same function)."""
+    """A model config for unit tests of the reference code in minird/model.py (helpers.make_model
+    builds it with the kernels off)."""
     return RecurrentDepthConfig(vocab_size=16, block_size=32, n_embd=32, n_head=2, intermediate_size=48,
                      n_layers_in_prelude=1, n_layers_in_recurrent_block=2, n_layers_in_coda=1,
-                     mean_recurrence=3, mean_backprop_depth=2, use_kernels=False)
+                     mean_recurrence=3, mean_backprop_depth=2)
 
 
 @pytest.fixture(scope="session")

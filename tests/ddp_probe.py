@@ -28,5 +28,5 @@ def recording_iterate(self, e, num_steps, *rest, **kwargs):
 RecurrentDepthLM.iterate = recording_iterate
 sys.argv = [script, *args]
 trainer = runpy.run_path(script, run_name="__main__")
-torch.save({"steps": steps, "weights": trainer["raw_model"].state_dict()},
+torch.save({"steps": steps, "weights": trainer["result"]["model"].state_dict()},
            os.path.join(report_dir, f"rank{os.environ['RANK']}.pt"))

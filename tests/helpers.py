@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from minird.model import RecurrentDepthLM
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A train_tiny.py configuration that runs in seconds on one CPU thread. Values the trainer's
@@ -17,6 +21,15 @@ TINY_TRAIN = ["--device=cpu", "--threads=1", "--progress=False", "--n_embd=32", 
               "--mean_backprop_depth=1", "--batch_size=16", "--learning_rate=3e-3", "--warmup_iters=10",
               "--eval_interval=10", "--eval_problems=64", "--depth_steps=1,2,4", "--seed=1337"]
 TINY_ITERS = 120
+
+
+def make_model(config, seed=0, use_kernels=False):
+    """The model of config from a fixed seed; on the reference path unless use_kernels, so that
+    tests see (and can count) every core_step (tests/test_ops.py checks the kernels against it)."""
+    torch.manual_seed(seed)
+    model = RecurrentDepthLM(config)
+    model.use_kernels = use_kernels
+    return model
 
 
 def run_script(*args, timeout=300):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, run_script
-from minird.experiments import decode_token_by_token, encode, held_out_sets
-from minird.model import KVCache
-from minird.utils import load_model
+from minird.checkpoint import load_model
+from minird.evaluate import decode_token_by_token, encode_answers, held_out_sets
+from minird.generate import generate
+from minird.kv_cache import KVCache
 
 
 def run_experiment(trained_run, tmp_path, name, *args):
@@ -77,9 +78,11 @@ def test_ccot_reports_both_ways_on_the_same_tokens(trained_run, tmp_path):
 def test_token_by_token_decoding_is_generate_teacher_forced(trained_run, continuous_compute):
     """Fed the tokens generate() wrote, the ccot loop uses the same steps and predicts the same tokens."""
     model, _, corpus = load_model(trained_run[0] / "ckpt.pt")
-    x, _, _ = encode(held_out_sets(corpus, 4, 0, 2)["in-distribution"], model)
-    idx, steps = model.generate(x[:, :1], max_new_tokens=10, num_steps=6, criterion="kl",
-                                continuous_compute=continuous_compute, return_steps=True)
+    lines = held_out_sets(corpus, 4, 0, (corpus.max_hops + 1, corpus.max_hops + 2))["in-distribution"]
+    x, _, _ = encode_answers(lines, model.config.block_size)
+    out = generate(model, x[:, :1], max_new_tokens=10, num_steps=6, criterion="kl",
+                   continuous_compute=continuous_compute)
+    idx, steps = out.ids, out.steps
     logits, used = decode_token_by_token(model, idx[:, :-1], 6, "kl", continuous_compute)
     assert torch.equal(used, steps)
     assert torch.equal(logits.argmax(-1), idx[:, 1:])
@@ -89,10 +92,11 @@ def test_token_by_token_decoding_is_generate_teacher_forced(trained_run, continu
 def test_token_by_token_decoding_at_fixed_r_is_generate_with_that_cache(trained_run, strategy):
     """criterion "none" (kvshare): fixed r, through the cache it is given, as generate with that strategy."""
     model, _, corpus = load_model(trained_run[0] / "ckpt.pt")
-    x, _, _ = encode(held_out_sets(corpus, 4, 0, 2)["in-distribution"], model)
-    idx, steps = model.generate(x[:, :1], max_new_tokens=10, num_steps=3, cache_lookup_strategy=strategy,
-                                return_steps=True)
-    kv_cache = KVCache(model.config.block_size, strategy, len(model.core))
+    lines = held_out_sets(corpus, 4, 0, (corpus.max_hops + 1, corpus.max_hops + 2))["in-distribution"]
+    x, _, _ = encode_answers(lines, model.config.block_size)
+    out = generate(model, x[:, :1], max_new_tokens=10, num_steps=3, cache_lookup_strategy=strategy)
+    idx, steps = out.ids, out.steps
+    kv_cache = KVCache(idx.size(1), strategy, model.config.n_layers_in_recurrent_block)
     logits, used = decode_token_by_token(model, idx[:, :-1], 3, "none", kv_cache=kv_cache)
     assert torch.equal(used, steps) and (used == 3).all()
     assert torch.equal(logits.argmax(-1), idx[:, 1:])
@@ -153,7 +157,8 @@ def test_speculative_writes_what_plain_decoding_writes(trained_run, tmp_path):
             assert row["speedup"] == pytest.approx(plain["seconds"] / row["seconds"])
             assert row["cpu_speedup"] == pytest.approx(plain["cpu_seconds"] / row["cpu_seconds"])
     _, _, corpus = load_model(trained_run[0] / "ckpt.pt")
-    first = held_out_sets(corpus, 8, 7, 7)["in-distribution"][0]  # --seed and --beyond by default
+    # --seed and --beyond by default
+    first = held_out_sets(corpus, 8, 7, (corpus.max_hops + 1, corpus.max_hops + 7))["in-distribution"][0]
     assert report["example"]["prompt"] == first.prompt and len(report["example"]["written"]) == 8
     assert "speed-up" in stdout and "plain" in stdout
 

@@ -8,8 +8,9 @@ import torch
 
 from helpers import assert_one_line_error, reference_answers, run_script
 from minird.data import CharTokenizer
+from minird.checkpoint import load_checkpoint, save_checkpoint
+from minird.generate import generate
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM
-from minird.utils import load_checkpoint, save_checkpoint
 
 
 def run_sample(ckpt, *args):
@@ -103,7 +104,8 @@ def test_adaptive_exit_shows_the_steps_used(checkpoint):
     assert len(cells) == 2
     idx = torch.tensor([CharTokenizer().encode(prompt)])
     for (answer, _, used), cap in zip(cells, (3, 6)):
-        out, steps = model.generate(idx, 1, num_steps=cap, criterion="kl", min_steps=2, return_steps=True)
+        run = generate(model, idx, 1, num_steps=cap, criterion="kl", min_steps=2)
+        out, steps = run.ids, run.steps
         assert answer == CharTokenizer().decode(out[0, -1:].tolist()) and int(used) == steps[0, -1] <= cap
         assert int(used) >= 2
 
@@ -121,7 +123,8 @@ def test_prompts_of_different_lengths_go_in_one_batch(checkpoint):
         idx = torch.tensor([CharTokenizer().encode(prompt)])
         cells = re.findall(r"(\S+) (ok|x) (\d+)\b", row.split(" | ")[1])
         for (answer, _, used), r in zip(cells, (2, 5)):
-            out, steps = model.generate(idx, 1, num_steps=r, criterion="kl", return_steps=True)
+            run = generate(model, idx, 1, num_steps=r, criterion="kl")
+            out, steps = run.ids, run.steps
             assert answer == CharTokenizer().decode(out[0, -1:].tolist()) and int(used) == steps[0, -1]
 
 
@@ -139,7 +142,7 @@ def test_speculative_decoding_and_cache_sharing_flags(checkpoint):
     written = [line for line in plain.stdout.splitlines() if " -> " in line]
     assert len(written) == 2 * len(prompts)
     for line, (r, prompt) in zip(written, [(r, p) for r in (2, 4) for p in prompts]):
-        out = model.generate(torch.tensor([CharTokenizer().encode(prompt)]), 6, num_steps=r)
+        out = generate(model, torch.tensor([CharTokenizer().encode(prompt)]), 6, num_steps=r).ids
         assert line == f"  {prompt} -> {CharTokenizer().decode(out[0, len(prompt):].tolist())!r}"
     assert drafted.stdout.startswith(plain.stdout)  # the same table and tokens, then the acceptance lines
     stats = re.findall(r"self-speculative decoding at r=(\d+): drafts of 3 tokens at 1 steps, (\d+)/(\d+) drafted",
@@ -147,8 +150,8 @@ def test_speculative_decoding_and_cache_sharing_flags(checkpoint):
     assert [r for r, _, _ in stats] == ["2", "4"] and all(int(a) <= int(d) for _, a, d in stats)
     for line, (r, prompt) in zip([line for line in shared.stdout.splitlines() if " -> " in line],
                                  [(r, p) for r in (2, 4) for p in prompts]):
-        out = model.generate(torch.tensor([CharTokenizer().encode(prompt)]), 6, num_steps=r,
-                             cache_lookup_strategy="compress-s2")
+        out = generate(model, torch.tensor([CharTokenizer().encode(prompt)]), 6, num_steps=r,
+                       cache_lookup_strategy="compress-s2").ids
         assert line.endswith(f" -> {CharTokenizer().decode(out[0, len(prompt):].tolist())!r}")
 
 
@@ -178,8 +181,12 @@ def test_default_steps_is_the_training_mean(checkpoint):
     (["--draft_steps", "0"], "positive integer"),
     (["--lookahead_for_draft", "-2"], "positive integer"),
     (["--new_tokens", "0"], "positive integer"),
-    (["--cache_lookup_strategy", "compress-s0"], "'full' or 'compress-sN'"),
-    (["--cache_lookup_strategy", "latest"], "'full' or 'compress-sN'"),
+    (["--cache_lookup_strategy", "compress-s0"], "or 'compress-sN'"),
+    (["--cache_lookup_strategy", "latest"], "or 'compress-sN'"),
+    (["--cache_lookup_strategy", "skip"], "or 'compress-sN'"),
+    (["--prompt", "a3;ba;" * 15 + "?b", "--new_tokens", "8"], "--new_tokens 8 does not fit after the longest prompt"),
+    (["--criterion", "kl", "--steps", "4", "--min_steps", "6"], "min_steps must be an integer from 1 to num_steps = 4"),
+    (["--steps", "100000000"], "needs a KV cache of"),
     (["--steps", "2,8", "--draft_steps", "4"], "draft_steps must be an integer from 1 to num_steps = 2"),
     (["--draft_steps", "1", "--criterion", "kl"], "criterion='none'"),
     (["--draft_steps", "1", "--cache_lookup_strategy", "compress-s1"], "cache_lookup_strategy='full'"),

@@ -1,17 +1,21 @@
-"""train_tiny.py end to end: a short run learns, writes its table, JSON and plot; --resume; DDP;
-bad settings are one-line errors."""
+"""train_tiny.py end to end: a short run learns, writes its table, JSON and plot; --resume goes on
+bit for bit (also after Ctrl-C); DDP; every bad setting is a one-line error before any work; no
+run replaces a checkpoint it was not asked to."""
 
 import importlib.util
 import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import TINY_ITERS, TINY_TRAIN, assert_one_line_error, run_script
-from minird.utils import load_checkpoint
+from helpers import ROOT, TINY_ITERS, TINY_TRAIN, assert_one_line_error, run_script
+from minird.checkpoint import load_checkpoint
 
 
 def test_short_run_learns_and_reports(trained_run):
@@ -46,8 +50,9 @@ def test_resume_continues_from_the_saved_iteration(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out_dir / "depth_scaling.json").read_text())
     assert report["iters"] == TINY_ITERS + 20
-    assert [e["iter"] for e in report["log"]] == [TINY_ITERS + 10, TINY_ITERS + 20]  # not from 0
-    assert report["log"][0]["loss"] < first_loss  # the trained weights were loaded, not a fresh init
+    # the log goes on from the checkpoint's: not from 0, and not a new log
+    assert [e["iter"] for e in report["log"]] == list(range(10, TINY_ITERS + 21, 10))
+    assert report["log"][-2]["loss"] < first_loss  # the trained weights were loaded, not a fresh init
     assert load_checkpoint(out_dir / "ckpt.pt")["iter_num"] == TINY_ITERS + 20
 
 
@@ -81,6 +86,101 @@ def test_bad_settings_are_one_line_errors(args, fragment):
 def test_resume_without_checkpoint_is_a_one_line_error(tmp_path):
     result = run_script("train_tiny.py", f"--out_dir={tmp_path}", "--resume=True", *TINY_TRAIN)
     assert_one_line_error(result, "no checkpoint at")
+
+
+def tiny_args(out_dir, iters, *extra, noisy_s0=False):
+    """TINY_TRAIN into out_dir for iters iterations; noisy_s0 draws s0 at random (one more random
+    stream for resume to restore, beside the lines and the step counts)."""
+    return [f"--out_dir={out_dir}", f"--max_iters={iters}", *TINY_TRAIN, *(["--init_scale=1.0"] if noisy_s0 else []),
+            *extra]
+
+
+def final_weights(out_dir):
+    return load_checkpoint(out_dir / "ckpt.pt")["model"]
+
+
+def test_resume_after_ctrl_c_is_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """Ctrl-C stops at the end of an iteration and saves; --resume=True then restores the weights,
+    the optimizer, the curriculum and every random stream (lines, step counts, s0), so the split
+    run ends with the uninterrupted run's weights and log, whichever iteration it stopped at."""
+    iters = 60
+    whole = run_script("train_tiny.py", *tiny_args(tmp_path / "whole", iters, noisy_s0=True))
+    assert whole.returncode == 0, whole.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    split = tmp_path / "split"
+    run = subprocess.Popen([sys.executable, "train_tiny.py", *tiny_args(split, iters, noisy_s0=True)], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # interrupt once the first evaluation is out: mid-run, not before it starts
+        if line.startswith("iter 10:"):
+            run.send_signal(signal.SIGINT)
+            break
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert "stopped at iteration" in out and "--resume=True" in out
+    stopped_at = load_checkpoint(split / "ckpt.pt")["iter_num"]
+    assert 10 <= stopped_at < iters
+    resumed = run_script("train_tiny.py", *tiny_args(split, iters, "--resume=True", noisy_s0=True))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(tmp_path / "whole"), final_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = lambda d: json.loads((d / "depth_scaling.json").read_text())  # noqa: E731
+    assert report(split)["results"] == report(tmp_path / "whole")["results"]
+    assert [e["loss"] for e in report(split)["log"] if e["iter"] % 10 == 0] == \
+           [e["loss"] for e in report(tmp_path / "whole")["log"]]
+
+
+def test_no_run_replaces_a_checkpoint_it_was_not_asked_to(trained_run, tmp_path):
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    before = (out_dir / "ckpt.pt").read_bytes()
+    (out_dir / ".ckpt-killed.tmp").write_bytes(b"half a checkpoint")  # what a kill -9 mid-save leaves
+    fresh = run_script("train_tiny.py", *tiny_args(out_dir, 20))
+    assert_one_line_error(fresh, "ckpt.pt exists", "--resume=True", "--overwrite=True")
+    done = run_script("train_tiny.py", *tiny_args(out_dir, TINY_ITERS - 20, "--resume=True"))
+    assert_one_line_error(done, f"has trained {TINY_ITERS} iterations already", "--max_iters above")
+    changed = run_script("train_tiny.py", *tiny_args(out_dir, TINY_ITERS + 10, "--resume=True", "--n_embd=64",
+                                                     "--max_hops=2"))
+    assert_one_line_error(changed, "--resume=True keeps the checkpoint's max_hops, n_embd")
+    assert (out_dir / "ckpt.pt").read_bytes() == before and (out_dir / ".ckpt-killed.tmp").exists()
+    replaced = run_script("train_tiny.py", *tiny_args(out_dir, 20, "--overwrite=True"))
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_checkpoint(out_dir / "ckpt.pt")["iter_num"] == 20
+    assert not (out_dir / ".ckpt-killed.tmp").exists()  # a killed save's leftovers are cleaned up
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("--device=tpu", "--device must be auto, cpu, cuda or cuda:N"),
+    ("--batch_size=0", "--batch_size must be >= 1"),
+    ("--n_embd=-8", "--n_embd must be >= 1"),
+    ("--n_head=3", "--n_head must be a divisor of n_embd = 32"),
+    ("--n_head=0", "--n_head must be >= 1"),
+    ("--block_size=4", "--block_size must be >= "),
+    ("--mean_recurrence=0", "--mean_recurrence must be >= 1"),
+    ("--mean_backprop_depth=0", "--mean_backprop_depth must be >= 1"),
+    ("--threads=-2", "--threads must be >= 0"),
+    ("--max_hops=60", "--max_hops must be small enough"),
+    ("--n_distractors=100", "--n_distractors must be <= 7"),
+    ("--eval_interval=0", "--eval_interval must be >= 1"),
+    ("--init=bogus", "--init must be normal or takase"),
+    ("--learning_rate=nan", "--learning_rate must be a number > 0"),
+    ("--eval_problems=0", "--eval_problems must be >= 1"),
+    ("--max_iters=-1", "--max_iters must be >= 1"),
+    ("--n_queries=0", "--n_queries must be >= 1"),
+    ("--extrapolation_hops=2-5", "--extrapolation_hops must be lo-hi with max_hops = 3 < lo <= hi"),
+    ("--extrapolation_hops=far", "--extrapolation_hops must look like 4-10"),
+    ("--depth_steps=1,0", "--depth_steps must be positive integers"),
+    ("--curriculum_threshold=1.5", "--curriculum_threshold must be in (0, 1]"),
+])
+def test_every_bad_setting_is_a_one_line_error_before_any_work(tmp_path, setting, fragment):
+    result = run_script("train_tiny.py", *tiny_args(tmp_path / "out", 10), setting)
+    assert_one_line_error(result, "train_tiny.py:", fragment)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    result = run_script("train_tiny.py", *tiny_args(tmp_path / "file", 10))
+    assert_one_line_error(result, "train_tiny.py:", "is a file, not a directory")
 
 
 @pytest.mark.skipif(os.environ.get("MINIRD_SLOW") != "1", reason="the full default run: ~5 min (MINIRD_SLOW=1)")

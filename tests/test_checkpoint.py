@@ -1,4 +1,5 @@
-"""minird.utils: --key=value overrides and atomic checkpoints that fail with a one-line reason."""
+"""minird.cli's --key=value overrides, and minird.checkpoint's atomic checkpoints that fail with a
+one-line reason."""
 
 import os
 import random
@@ -6,14 +7,16 @@ import random
 import pytest
 import torch
 
+from minird.checkpoint import load_checkpoint, save_checkpoint
+from minird.cli import ConfigError, apply_overrides
 from minird.data import CharTokenizer, CorpusConfig
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM
-from minird.utils import ConfigError, apply_overrides, load_checkpoint, save_checkpoint
 
 
 def test_overrides_parse_to_the_default_type():
     settings = {"iters": 10, "lr": 1e-3, "flag": False, "name": "a"}
-    apply_overrides(settings, ["--iters=20", "--lr=3e-4", "--flag=true", "--name=b=c"])
+    assert apply_overrides(settings, ["--iters=20", "--lr=3e-4", "--flag=true", "--name=b=c"]) == \
+        {"iters", "lr", "flag", "name"}  # the keys given: what resume checks against the checkpoint
     assert settings == {"iters": 20, "lr": 3e-4, "flag": True, "name": "b=c"}
     for bad, fragment in [("--nope=1", "unknown setting 'nope'"), ("--iters=2.5", "int"),
                           ("--flag=maybe", "bool"), ("iters=3", "--key=value")]:

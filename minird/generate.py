@@ -1,0 +1,354 @@
+"""
+Generation with a recurrent-depth model: feed tokens through a KV cache, choose the next one.
+
+    from minird.generate import generate
+    out = generate(model, idx, max_new_tokens=16, num_steps=32)             # greedy at r = 32
+    out = generate(model, idx, 16, num_steps=32, criterion="kl")             # adaptive exit, r <= 32
+    out = generate(model, idx, 16, num_steps=32, draft_steps=4)              # self-speculative, same output
+    out.ids, out.steps, out.stats                                            # tokens, steps used, drafting
+
+Read top to bottom: adaptive exit (when a token's steps have converged) -> feed (one forward of
+new tokens, after a cache or not) -> the options, checked in one place -> generate (the plain
+loop) -> the self-speculative loop. The policies keep the official code's option names:
+`num_steps`, `criterion`, `exit_threshold`, `cache_lookup_strategy`, `continuous_compute`,
+`draft_steps`, `lookahead_for_draft`.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.nn import functional as F
+
+from minird.kv_cache import KVCache, parse_lookup_strategy
+
+# -----------------------------------------------------------------------------
+# adaptive exit: when a token's steps have converged (the official code's `criterion` names)
+
+# exit_threshold="auto" picks these (the official defaults). kl: KL(p_{t-1} || p_t) of the read-out
+# distributions (p_0 uniform); latent-diff: |s_t - s_{t-1}| / |s_t|; entropy-diff: |H(p_t) -
+# H(p_{t-1})|; argmax-stability: steps in a row with the same top token; cosine: 1 - cos(s_t, s_{t-1}).
+EXIT_THRESHOLDS = {"kl": 1e-3, "latent-diff": 0.03, "entropy-diff": 1e-3, "argmax-stability": 5, "cosine": 1e-3}
+
+
+class ExitCriterion:
+    """Tracks, per token, the quantity its criterion compares with the threshold, step by step."""
+
+    def __init__(self, criterion, threshold, shape, vocab_size, device):
+        if criterion not in EXIT_THRESHOLDS:
+            raise ValueError(f"criterion must be one of none, {', '.join(EXIT_THRESHOLDS)}; got {criterion!r}")
+        self.criterion = criterion
+        self.threshold = EXIT_THRESHOLDS[criterion] if threshold == "auto" else float(threshold)
+        self.needs_logits = criterion in ("kl", "entropy-diff", "argmax-stability")
+        self.log_p = torch.full((*shape, vocab_size), -math.log(vocab_size), device=device)  # p_0 uniform
+        self.top = torch.full(shape, -1, dtype=torch.long, device=device)  # no top token before step 1
+        self.same_top = torch.zeros(shape, dtype=torch.long, device=device)
+
+    def converged(self, s_prev, s, logits=None):
+        """(B, T) bool: has each token converged at this step?"""
+        if self.criterion == "latent-diff":
+            return (s - s_prev).norm(dim=-1) / s.norm(dim=-1).clamp_min(1e-12) < self.threshold
+        if self.criterion == "cosine":
+            return 1 - F.cosine_similarity(s, s_prev, dim=-1) < self.threshold
+        log_p, log_p_prev = logits.float().log_softmax(-1), self.log_p
+        self.log_p = log_p
+        if self.criterion == "kl":
+            return (log_p_prev.exp() * (log_p_prev - log_p)).sum(-1) < self.threshold
+        if self.criterion == "entropy-diff":
+            entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
+            return (entropy(log_p) - entropy(log_p_prev)).abs() < self.threshold
+        top = log_p.argmax(-1)
+        self.same_top = torch.where(top == self.top, self.same_top + 1, 0)
+        self.top = top
+        return self.same_top >= self.threshold
+
+
+@torch.no_grad()
+def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_cache=None, mask=None, s0=None,
+                     tokens=None):
+    """model.iterate for up to num_steps steps, with per-token adaptive exit: a token whose
+    exit_rule (an ExitCriterion) is met at step >= min_steps keeps its state from then on.
+    Frozen tokens still serve keys and values (from their frozen state) to the others of this
+    forward. Once all of a row's tokens have stopped, the cache entries of the steps it did not
+    run repeat each token's last ones ("latest entry"), for later tokens to read -- whether or
+    not other rows go on, so a row gets what it would get alone. The loop ends when every token
+    has stopped. tokens (B, T) bool: False at left padding, which never runs.
+    Returns the final state (B, T, h) and the steps each token used (B, T), 0 for padding."""
+    B, T, _ = e.shape
+    s = model.initialize_state(e) if s0 is None else s0
+    used = torch.full((B, T), num_steps, dtype=torch.long, device=e.device)
+    stopped = torch.zeros(B, T, dtype=torch.bool, device=e.device)
+    if tokens is not None:
+        used[~tokens], stopped = 0, ~tokens
+    rows_done = torch.zeros(B, dtype=torch.bool, device=e.device)
+    repeats = []  # (step, rows, their core entries at that step) for the rows that stopped early
+    for step in range(num_steps):
+        s_next = torch.where(stopped[..., None], s, model.core_step(s, e, cos, sin, step, kv_cache, mask))
+        logits = None
+        if exit_rule.needs_logits:  # the coda's cache entries it writes are rewritten by the last readout
+            logits = model.readout(s_next, cos, sin, kv_cache, mask)
+        newly = exit_rule.converged(s, s_next, logits) & ~stopped & (step + 1 >= min_steps)
+        used[newly] = step + 1
+        stopped |= newly
+        s = s_next
+        rows = stopped.all(dim=1) & ~rows_done
+        if kv_cache is not None and rows.any() and step + 1 < num_steps:
+            # copied now: the steps that go on for other rows overwrite these rows' entries
+            repeats.append((step, rows, kv_cache.core_entries(step, T, rows)))
+        rows_done |= rows
+        if rows_done.all():
+            break
+    for step, rows, entries in repeats:
+        kv_cache.repeat_step(entries, step, num_steps, T, rows)
+    return s, used
+
+
+# -----------------------------------------------------------------------------
+# feed: one forward of new tokens
+
+
+@torch.no_grad()
+def feed(model, new_ids, kv_cache=None, num_steps=None, criterion="none", exit_threshold="auto", min_steps=1,
+         s0=None, attention_mask=None):
+    """One forward of new_ids (B, T), after the tokens already in kv_cache (None: none, and no
+    cache is kept): num_steps steps (default mean_r; criterion "none"), or per-token adaptive
+    exit capped at num_steps. generate feeds every prompt, drafted and written token through it.
+    s0 (B, T, h): the initial state (default: fresh). attention_mask (B, T): 0 at left padding.
+    Returns logits (B, T, vocab), the steps each token used (B, T; 0 at padding) and the final
+    state s (B, T, h); kv_cache then holds new_ids too."""
+    num_steps = model.config.mean_recurrence if num_steps is None else num_steps
+    cos, sin, mask = model.positions(new_ids, kv_cache, attention_mask)
+    e = model.embed(new_ids, cos, sin, kv_cache, mask, attention_mask)
+    if criterion == "none":
+        s = model.iterate(e, (num_steps, 0), cos, sin, kv_cache, mask, s0=s0)
+        used = torch.full(new_ids.shape, num_steps, device=new_ids.device)
+        if attention_mask is not None:
+            used = used * attention_mask
+    else:
+        rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, model.config.vocab_size, new_ids.device)
+        s, used = iterate_adaptive(model, e, num_steps, cos, sin, rule, min_steps, kv_cache, mask, s0, attention_mask)
+    logits = model.readout(s, cos, sin, kv_cache, mask)
+    if kv_cache is not None:
+        kv_cache.seq_len += new_ids.size(1)
+    return logits, used, s
+
+
+def left_pad(prompts, pad_id=0):
+    """Token id lists of different lengths -> idx (B, T) padded on the left with pad_id, and the
+    attention_mask (B, T) (1 = token, 0 = padding) that generate takes with it."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return idx, attention_mask
+
+
+# -----------------------------------------------------------------------------
+# the options of generate, checked in one place
+
+
+@dataclass
+class GenerationConfig:
+    num_steps: int = None  # r of every token (None: the model's mean_recurrence); with a criterion, the cap
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = None  # sample among the top_k tokens only
+    stop_tokens: tuple = ()  # ids that end a row; generation ends when every row has written one
+    criterion: str = "none"  # adaptive exit per token: none, or one of EXIT_THRESHOLDS
+    exit_threshold: object = "auto"  # "auto" (EXIT_THRESHOLDS) or a number
+    min_steps: int = 1  # adaptive exit: steps every token runs at least
+    # Each written token starts its steps from the previous token's final state instead of a fresh
+    # s0 (the prompt's tokens, run in parallel, start fresh).
+    continuous_compute: bool = False
+    cache_lookup_strategy: str = "full"  # "full" or "compress-sN" (KV-cache sharing, minird.kv_cache)
+    # Self-speculative decoding (greedy only): each round drafts lookahead_for_draft tokens one at a
+    # time at draft_steps, runs them in ONE forward at num_steps (the verify), and keeps the drafted
+    # tokens the verifier agrees with, then the verifier's own next token: plain greedy decoding's
+    # output in fewer forwards at num_steps. A batch keeps the shortest agreeing prefix of its rows.
+    draft_steps: int = None
+    lookahead_for_draft: int = 8
+
+    def validated(self, model):
+        """A copy with num_steps resolved and stop_tokens a tuple, or ValueError naming the option."""
+        num_steps = model.config.mean_recurrence if self.num_steps is None else self.num_steps
+        stop_tokens = (self.stop_tokens,) if isinstance(self.stop_tokens, int) else tuple(self.stop_tokens)
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
+        if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in stop_tokens):
+            raise ValueError(f"stop_tokens must be token ids below vocab_size {model.config.vocab_size}, "
+                             f"got {self.stop_tokens!r}")
+        if self.criterion != "none" and self.criterion not in EXIT_THRESHOLDS:
+            raise ValueError(f"criterion must be one of none, {', '.join(EXIT_THRESHOLDS)}; got {self.criterion!r}")
+        if self.exit_threshold != "auto" and not (isinstance(self.exit_threshold, (int, float))
+                                                  and self.exit_threshold >= 0):
+            raise ValueError(f"exit_threshold must be 'auto' or a number >= 0, got {self.exit_threshold!r}")
+        if not isinstance(self.min_steps, int) or not 1 <= self.min_steps <= num_steps:
+            raise ValueError(f"min_steps must be an integer from 1 to num_steps = {num_steps}, got {self.min_steps!r}")
+        slots = parse_lookup_strategy(self.cache_lookup_strategy)
+        if self.draft_steps is not None:
+            if not isinstance(self.draft_steps, int) or not 1 <= self.draft_steps <= num_steps:
+                raise ValueError(f"draft_steps must be an integer from 1 to num_steps = {num_steps} "
+                                 f"(the verify depth), got {self.draft_steps!r}")
+            if not isinstance(self.lookahead_for_draft, int) or self.lookahead_for_draft < 1:
+                raise ValueError(f"lookahead_for_draft must be an integer >= 1, got {self.lookahead_for_draft!r}")
+            if self.temperature != 0:
+                raise ValueError("draft_steps needs temperature=0: keeping the drafted tokens the verifier "
+                                 "agrees with reproduces greedy decoding only")
+            if self.criterion != "none":
+                raise ValueError("draft_steps needs criterion='none': with adaptive exit, tokens verified in "
+                                 "one forward read each other's keys from other steps than when decoded one by one")
+            if self.continuous_compute:
+                raise ValueError("draft_steps does not go with continuous_compute: a verified token would start "
+                                 "from the final state of the token before it, computed in the same forward")
+            if slots is not None and slots < model.config.n_layers_in_recurrent_block * num_steps:
+                raise ValueError("draft_steps needs cache_lookup_strategy='full' (or compress-sN, N >= R * "
+                                 "num_steps): with shared slots, tokens verified in one forward read each other's "
+                                 "keys from other steps than when decoded one by one")
+        return replace(self, num_steps=num_steps, stop_tokens=stop_tokens)
+
+
+@dataclass
+class DraftStats:
+    """How many model forwards generate ran and, with draft_steps, how many drafted tokens it kept."""
+    forwards: int = 0  # model forwards: the prompt, then each drafted token and each verify (or each token)
+    rounds: int = 0  # verifies of drafted tokens
+    drafted: int = 0  # drafted tokens verified (a batch drafts as many in every row)
+    accepted: int = 0  # drafted tokens kept: the verifier at num_steps agreed (in every row of a batch)
+
+    @property
+    def acceptance_rate(self):
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class Generation:
+    """What generate returns."""
+    ids: torch.Tensor  # (B, T + new tokens): the prompt (with its padding), then what was written
+    steps: torch.Tensor  # (B, ids.size(1) - 1): steps each token fed to the model used (0 at padding)
+    stats: DraftStats = field(default_factory=DraftStats)
+    kv_cache_bytes: int = 0  # bytes of the KV cache's buffers, allocated for prompt + new tokens
+
+
+# -----------------------------------------------------------------------------
+# generate
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, config=None, attention_mask=None, **options):
+    """Complete idx (B, T) with up to max_new_tokens tokens (fewer where block_size ends, or once
+    every row has written a stop token). The prompt is fed once, in parallel, into a KV cache
+    sized to prompt + new tokens; then one token at a time. Options: a GenerationConfig and/or its
+    fields as keywords (these win). attention_mask (B, T): prompts of different lengths padded on
+    the left (1 = token, 0 = padding, whatever its id; left_pad builds both). No token attends to
+    padding, so each row gets the tokens it would get alone (up to float rounding: rows share
+    positions); with adaptive exit padding never runs and each row's tokens stop by their own
+    criterion, the batch's forward running until its slowest row has stopped. Returns a Generation."""
+    config = replace(config or GenerationConfig(), **options).validated(model)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    pad_columns, idx, attention_mask = drop_padding_columns(idx, attention_mask)
+    if idx.size(1) > model.config.block_size:
+        raise ValueError(f"a prompt of {idx.size(1)} tokens exceeds block_size {model.config.block_size}")
+    length = min(idx.size(1) + max_new_tokens, model.config.block_size)
+    kv_cache = KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block)
+    decode = decode_speculatively if config.draft_steps is not None else decode_plainly
+    ids, steps, stats = decode(model, idx, length, kv_cache, config, attention_mask)
+    ids = torch.cat([pad_columns, ids], dim=1)
+    steps = torch.cat([torch.zeros_like(pad_columns), steps], dim=1)[:, :ids.size(1) - 1]
+    return Generation(ids, steps, stats, kv_cache.allocated_bytes())
+
+
+def drop_padding_columns(idx, attention_mask):
+    """(the columns that are padding in every row, idx without them, its attention_mask or None if
+    no padding is left): a row alone then has no padding at all (and the CUDA decode kernel takes
+    no mask). The columns are put back in front of the output."""
+    if attention_mask is None:
+        return idx[:, :0], idx, None
+    attention_mask = attention_mask.to(idx.device) != 0
+    if (attention_mask.shape != idx.shape or not attention_mask[:, -1].all()
+            or (attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("attention_mask must have idx's shape (B, T) and pad on the left: "
+                         "0s then 1s in every row, at least one 1")
+    n_pad = int((~attention_mask).sum(dim=1).min())
+    idx, attention_mask, pad_columns = idx[:, n_pad:], attention_mask[:, n_pad:], idx[:, :n_pad]
+    return pad_columns, idx, None if attention_mask.all() else attention_mask
+
+
+def choose(logits, config):
+    """The next token (B, 1) from logits (B, vocab): greedy, or sampled at temperature among the top_k."""
+    if config.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / config.temperature
+    if config.top_k is not None:
+        v, _ = torch.topk(logits, min(config.top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+def stopped_rows(done, new_ids, stop_tokens):
+    """(B,) bool: rows done before, or with a stop token among new_ids (B, n)."""
+    if not stop_tokens:
+        return done
+    return done | torch.isin(new_ids, torch.tensor(stop_tokens, device=new_ids.device)).any(dim=1)
+
+
+def decode_plainly(model, idx, length, kv_cache, config, attention_mask):
+    """One token per forward until length tokens, or every row has stopped. Returns (ids, steps, stats)."""
+    stats = DraftStats(forwards=1)
+    logits, steps, s = feed(model, idx, kv_cache, config.num_steps, config.criterion, config.exit_threshold,
+                            config.min_steps, attention_mask=attention_mask)  # the prompt, in parallel
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    while True:
+        next_id = choose(logits[:, -1], config)  # (B, 1)
+        idx = torch.cat([idx, next_id], dim=1)
+        done = stopped_rows(done, next_id, config.stop_tokens)
+        if done.all() or idx.size(1) >= length:
+            return idx, steps, stats  # no forward for logits that would not be used
+        s0 = s[:, -1:] if config.continuous_compute else None
+        logits, used, s = feed(model, next_id, kv_cache, config.num_steps, config.criterion, config.exit_threshold,
+                               config.min_steps, s0)
+        steps = torch.cat([steps, used], dim=1)
+        stats.forwards += 1
+
+
+def decode_speculatively(model, idx, length, kv_cache, config, attention_mask):
+    """decode_plainly's output (greedy), from rounds of: draft lookahead_for_draft tokens one at a
+    time at draft_steps, then feed the last token and the drafts in one forward at num_steps (the
+    verify) and keep the drafts up to the first the verifier would not have picked, then the token
+    it picks there. tests/test_generate.py checks the two decoders write the same tokens."""
+    stats = DraftStats(forwards=1)
+    logits, steps, _ = feed(model, idx, kv_cache, config.num_steps, attention_mask=attention_mask)
+    new_ids = choose(logits[:, -1], config)  # (B, 1); later rounds add up to lookahead + 1 tokens
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    while True:
+        if config.stop_tokens:  # cut after the token where the last row has stopped
+            is_stop = torch.isin(new_ids, torch.tensor(config.stop_tokens, device=new_ids.device))
+            stopped = done[:, None] | (is_stop.cumsum(dim=1) > 0)  # (B, n)
+            if stopped.all(dim=0).any():
+                new_ids = new_ids[:, :int(stopped.all(dim=0).int().argmax()) + 1]
+            done = stopped[:, new_ids.size(1) - 1]
+        idx = torch.cat([idx, new_ids], dim=1)
+        if done.all() or idx.size(1) >= length:
+            return idx, steps, stats
+        # as many drafts as can still be kept: the verifier's next token comes on top
+        lookahead = min(config.lookahead_for_draft, length - 1 - idx.size(1))
+        start, last_id, drafted = kv_cache.seq_len, idx[:, -1:], [idx[:, :0]]
+        for _ in range(lookahead):
+            draft_logits, _, _ = feed(model, last_id, kv_cache, config.draft_steps)
+            last_id = draft_logits[:, -1].argmax(dim=-1, keepdim=True)
+            drafted.append(last_id)
+        drafted = torch.cat(drafted, dim=1)  # (B, lookahead)
+        kv_cache.seq_len = start  # the verify writes the drafts' positions again, at num_steps
+        logits, used, _ = feed(model, torch.cat([idx[:, -1:], drafted], dim=1), kv_cache, config.num_steps)
+        # logits[:, i] predicts what follows drafted token i - 1
+        agree = (logits[:, :-1].argmax(dim=-1) == drafted).cumprod(dim=1).sum(dim=1)  # (B,)
+        n = int(agree.min())  # a batch keeps the shortest agreeing prefix of its rows
+        kv_cache.seq_len = start + n + 1  # roll back past the drafted tokens not kept
+        steps = torch.cat([steps, used[:, :n + 1]], dim=1)
+        new_ids = torch.cat([drafted[:, :n], choose(logits[:, n], config)], dim=1)
+        stats.forwards += lookahead + 1
+        stats.rounds += lookahead > 0
+        stats.drafted += lookahead
+        stats.accepted += n

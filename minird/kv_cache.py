@@ -1,0 +1,155 @@
+"""
+The KV cache of generation: keys and values of past tokens, one entry per (stage, step, layer).
+
+A recurrent-depth model runs its core r times per token, and every (step, core layer) pair sees a
+different state, so a plain transformer's one cache entry per layer becomes one per (step, core
+layer): the full cache grows with r. A token at step i reads the step-i keys of earlier tokens.
+KV-cache sharing ("compress-sN") bounds that by letting N slots serve all of them.
+"""
+
+import torch
+
+# cache_lookup_strategy names of the official code that mean what minird's do. Its "full" is not
+# among them: under adaptive exit it drops the entries of the steps a token skipped (a later token
+# then attends to fewer keys at those steps), where minird's "full" repeats the token's last entry,
+# which is the official "latest-m4" (for any R, where "-m4" hard-codes Huginn's R = 4).
+OFFICIAL_STRATEGIES = {"latest-m4": "full"}
+
+
+def parse_lookup_strategy(strategy):
+    """cache_lookup_strategy -> the number of shared core slots N, or None for "full". Accepts the
+    official names "latest-m4" and "latest-m4-compress-sN" (the same policies); other official
+    strategies are refused with what to use instead."""
+    name = OFFICIAL_STRATEGIES.get(strategy, strategy)
+    if name.startswith("latest-m4-"):
+        name = name[len("latest-m4-"):]
+    if name == "full":
+        return None
+    if name.startswith("compress-s") and name[len("compress-s"):].isdigit():
+        n = int(name[len("compress-s"):])
+        if n >= 1:
+            return n
+    raise ValueError(f"cache_lookup_strategy must be 'full' (= the official 'latest-m4') or 'compress-sN' "
+                     f"(= 'latest-m4-compress-sN') with N >= 1, got {strategy!r}")
+
+
+def kv_cache_bytes(config, batch, length, num_steps, lookup_strategy="full", dtype=torch.float32):
+    """The bytes of the buffers a KVCache of length positions allocates for batch rows of a model
+    with config at num_steps: one entry per prelude and coda layer, and R * num_steps core entries
+    (full) or at most N (compress-sN); each entry keys and values of (batch, length, h)."""
+    slots = parse_lookup_strategy(lookup_strategy)
+    core = config.n_layers_in_recurrent_block * num_steps
+    entries = config.n_layers_in_prelude + config.n_layers_in_coda + (core if slots is None else min(slots, core))
+    return 2 * entries * batch * length * config.n_embd * torch.empty((), dtype=dtype).element_size()
+
+
+class KVCache:
+    """Keys and values of past tokens, one entry per key: ("prelude", j), ("coda", j) and, for the
+    recurrent core, ("core", step, j).
+
+    Each entry is a pair of buffers (B, nh, max_len, hs), allocated on first use and written in
+    place at positions seq_len, seq_len + 1, ...: appending copies nothing (the fused kernels
+    write there directly), and rolling back (speculative decoding) is setting seq_len back: what
+    is stored past it -- keys, values, token embeddings, padding -- is rewritten by the next tokens.
+    max_len is the work's length (generate: prompt + new tokens), not the model's block_size: at
+    Huginn's size the keys and values of one (step, layer) entry of 4,096 positions are 87 MB
+    per row in bf16, and r = 32 keeps 128 of them.
+
+    lookup_strategy (the official `cache_lookup_strategy`): "full" keeps one entry per (step, core
+    layer); "compress-sN" shares N slots among them, step i / core layer j writing slot
+    (i * R + j) mod N. With N = R a token at step i reads, from each earlier token, the keys of
+    the last step that token ran (the paper's KV-cache sharing: memory no longer grows with r).
+    Under adaptive exit a token that stopped after step i leaves, for the steps it skipped, copies
+    of its step-i entries ("latest entry": repeat_step), which is the official "latest-m4"."""
+
+    def __init__(self, max_len, lookup_strategy="full", n_core_layers=1):
+        self.max_len = max_len
+        self.num_slots = parse_lookup_strategy(lookup_strategy)
+        self.n_core_layers = n_core_layers
+        self.entries = {}
+        self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
+        self.embeddings = None  # (B, max_len, h) token embeddings, for token_shift
+        self.tokens = None  # (B, max_len) bool, False at left padding; None while there is none
+
+    def slot(self, key):
+        """The entry that key is stored in: itself, or its shared core slot under compress-sN."""
+        if self.num_slots is None or key[0] != "core":
+            return key
+        _, step, j = key
+        return ("core", (step * self.n_core_layers + j) % self.num_slots)
+
+    def buffers(self, key, batch, n_head, head_dim, dtype, device):
+        """The (k, v) buffers (B, nh, max_len, hs) of key's entry, allocated (zeros) on first use."""
+        key = self.slot(key)
+        if key not in self.entries:
+            shape = (batch, n_head, self.max_len, head_dim)
+            self.entries[key] = (torch.zeros(shape, dtype=dtype, device=device),
+                                 torch.zeros(shape, dtype=dtype, device=device))
+        return self.entries[key]
+
+    def check_room(self, n_new):
+        """ValueError unless n_new more tokens fit in max_len."""
+        if self.seq_len + n_new > self.max_len:
+            raise ValueError(f"{self.seq_len + n_new} tokens do not fit a KV cache of {self.max_len}")
+
+    def update(self, key, k, v):
+        """Write k, v (B, nh, T, hs) at positions seq_len .. seq_len + T - 1 of key's entry; return
+        its keys and values of positions 0 .. seq_len + T - 1."""
+        B, nh, T, hs = k.shape
+        k_buf, v_buf = self.buffers(key, B, nh, hs, k.dtype, k.device)
+        end = self.seq_len + T
+        k_buf[:, :, self.seq_len:end] = k
+        v_buf[:, :, self.seq_len:end] = v
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def core_entries(self, step, n_new, rows):
+        """Copies of the core keys and values that the n_new tokens being added wrote at step, in
+        rows ((B,) bool): one (k, v) per core layer, each (rows, nh, n_new, hs)."""
+        new = slice(self.seq_len, self.seq_len + n_new)
+        return [tuple(t[rows, :, new].clone() for t in self.entries[self.slot(("core", step, j))])
+                for j in range(self.n_core_layers)]
+
+    def repeat_step(self, entries, last_step, num_steps, n_new, rows):
+        """The n_new tokens being added, in rows ((B,) bool), all stopped after last_step (adaptive
+        exit): the core entries of the steps they did not run get entries, their last_step keys
+        and values from core_entries ("latest entry"), for later tokens to read at those steps.
+        last_step's own slot is written too: under compress-sN a later step may share it."""
+        new = slice(self.seq_len, self.seq_len + n_new)
+        for j, (k, v) in enumerate(entries):
+            B, nh, _, hs = self.entries[self.slot(("core", last_step, j))][0].shape
+            for step in range(last_step, num_steps):
+                k_buf, v_buf = self.buffers(("core", step, j), B, nh, hs, k.dtype, k.device)
+                k_buf[rows, :, new] = k
+                v_buf[rows, :, new] = v
+
+    def add_tokens(self, attention_mask, n_new):
+        """Record which of the n_new tokens being added are tokens and which left padding
+        (attention_mask (B, n_new): 1 = token, 0 = padding; None: all tokens). Returns which keys
+        exist, (B, seq_len + n_new) bool, or None while no position is padding."""
+        if attention_mask is None and self.tokens is None:
+            return None
+        if self.tokens is None:
+            self.tokens = torch.ones(attention_mask.size(0), self.max_len, dtype=torch.bool,
+                                     device=attention_mask.device)
+        end = self.seq_len + n_new
+        self.tokens[:, self.seq_len:end] = True if attention_mask is None else attention_mask.bool()
+        return self.tokens[:, :end]
+
+    def shift_in(self, x):
+        """Store token embeddings x (B, T, h) at seq_len ..; return the embedding of the token
+        before x's first (B, 1, h), zeros at the start: what token_shift mixes in."""
+        B, T, h = x.shape
+        if self.embeddings is None:
+            self.embeddings = x.new_zeros(B, self.max_len, h)
+        self.embeddings[:, self.seq_len:self.seq_len + T] = x
+        if self.seq_len == 0:
+            return torch.zeros_like(x[:, :1])
+        return self.embeddings[:, self.seq_len - 1:self.seq_len]
+
+    def nbytes(self):
+        """Bytes of the keys and values held for the seq_len tokens stored."""
+        return sum(k[:, :, :self.seq_len].nbytes + v[:, :, :self.seq_len].nbytes for k, v in self.entries.values())
+
+    def allocated_bytes(self):
+        """Bytes of the key and value buffers allocated (up to max_len)."""
+        return sum(k.nbytes + v.nbytes for k, v in self.entries.values())
