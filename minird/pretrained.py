@@ -243,7 +243,9 @@ def from_pretrained(path_or_hub_id, dtype=torch.float32, device="cpu"):
     The model is built on the meta device (no memory), then each shard is opened lazily and its
     tensors are read one at a time straight to `device`, cast to `dtype` and assigned in place of
     the meta ones: no second copy of the model is made, in host memory or on the device (a 3.5B
-    model in bf16 needs its 7 GB once). The RoPE tables stay fp32, as the official code keeps them."""
+    model in bf16 needs its 7 GB once). On the CPU, tensors stored in `dtype` stay memory-mapped
+    from the files (copy-on-write: training them does not change the files). The RoPE tables stay
+    fp32, as the official code keeps them."""
     folder = checkpoint_folder(path_or_hub_id)
     config = config_from_official(read_json(folder, CONFIG_FILE), os.path.join(folder, CONFIG_FILE))
     device = torch.device(device)
