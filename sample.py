@@ -11,6 +11,12 @@ Complete prompts with a trained model at a chosen number of recurrent steps, and
 A prompt is a program of two-character statements (`k5`: k = 5, `bk`: b = k) ending in a query
 `?name`; the model writes the answer digit (greedy) and minird.data.solve says whether it is right.
 All prompts go through generate as one batch, padded on the left (each row as if it were alone).
+
+With --init_from, a Huginn-0125 checkpoint in the official Hugging Face layout (a folder, or a hub
+id with `pip install huggingface_hub`) writes free text instead, with the same test-time flags:
+
+    python sample.py --init_from tomg-group-umd/huginn-0125 --chat --steps 32 --prompt "What is 7 * 8?"
+    python sample.py --init_from PATH --steps 4,32 --new_tokens 64 --prompt "The capital of France is"
 """
 
 import argparse
@@ -18,12 +24,13 @@ import os
 import random
 import re
 import sys
+import time
 
 import torch
 
-from minird.data import DIGITS, NAMES, sample_extrapolation_problems, solve
 from minird.checkpoint import load_model
 from minird.cli import Parser, positive_int, positive_ints
+from minird.data import DIGITS, NAMES, sample_extrapolation_problems, solve
 from minird.generate import EXIT_THRESHOLDS, generate, left_pad
 from minird.kv_cache import kv_cache_bytes, parse_lookup_strategy
 
@@ -78,8 +85,18 @@ parser.add_argument("--new_tokens", type=positive_int, default=1,
                     help="tokens written after each prompt: the answer, then what the model writes next "
                          "(printed after the table)")
 parser.add_argument("--trace", action="store_true",
-                    help="also decode the latent state after every step 1..r (r = the largest --steps) "
+                    help="also read out the latent state after every step 1..r (r = the largest --steps) "
                          "and show how the answer and its probability change")
+parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: sample at this temperature")
+parser.add_argument("--top_k", type=positive_int, default=None, help="sample among the top_k tokens only")
+pretrained = parser.add_argument_group("a Huginn-0125 checkpoint (the official Hugging Face layout)")
+pretrained.add_argument("--init_from", default=None,
+                        help="a checkpoint folder, or a hub id such as tomg-group-umd/huginn-0125 (needs "
+                             "huggingface_hub); then --prompt is free text and --ckpt is not read")
+pretrained.add_argument("--chat", action="store_true", help="wrap each --prompt in Huginn's chat format")
+pretrained.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="the weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+pretrained.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
 
 
 def default_prompts(corpus, seed):
@@ -128,19 +145,27 @@ def print_trace(model, tokenizer, prompt, want, num_steps):
 
 
 def check_memory(model, batch, length, num_steps, strategy):
-    """ValueError, before any work, when the KV cache at num_steps would take over half of this
-    machine's memory: with the full cache every step keeps its own keys (bytes grow with r)."""
-    needed = kv_cache_bytes(model.config, batch, length, num_steps, strategy)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """ValueError, before any work, when the KV cache at num_steps would take over half of the
+    memory of the model's device: with the full cache every step keeps its own keys (bytes grow with r)."""
+    weight = model.wte.weight
+    needed = kv_cache_bytes(model.config, batch, length, num_steps, strategy, weight.dtype)
+    if weight.device.type == "cuda":
+        memory, where = torch.cuda.mem_get_info(weight.device)[0], "free on the GPU"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in this machine"
     if needed > memory / 2:
         raise ValueError(f"--steps {num_steps} needs a KV cache of {needed / 2**30:.1f} GiB for {batch} prompts "
-                         f"(this machine has {memory / 2**30:.1f} GiB): use fewer steps, or "
+                         f"({memory / 2**30:.1f} GiB {where}): use fewer steps, or "
                          f"--cache_lookup_strategy compress-s{model.config.n_layers_in_recurrent_block} "
                          f"(one step's worth of keys, whatever r)")
 
 
 def main():
     args = parser.parse_args()
+    if args.init_from is not None:
+        return sample_pretrained(args)
+    if args.chat or args.dtype or args.device:
+        parser.error("--chat, --dtype and --device go with --init_from (a Huginn checkpoint)")
     try:
         model, tokenizer, corpus = load_model(args.ckpt)
         block_size, mean_r = model.config.block_size, model.config.mean_recurrence
@@ -158,7 +183,8 @@ def main():
         runs = {r: generate(model, idx, args.new_tokens, num_steps=r, criterion=args.criterion,
                             exit_threshold=args.exit_threshold, min_steps=args.min_steps,
                             cache_lookup_strategy=args.cache_lookup_strategy, attention_mask=attention_mask,
-                            draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft)
+                            draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft,
+                            temperature=args.temperature, top_k=args.top_k)
                 for r in steps}
     except ValueError as err:
         sys.exit(f"sample.py: {err}")
@@ -200,6 +226,66 @@ def main():
         for (prompt, _), want in zip(prompts, wanted):
             torch.manual_seed(args.seed)
             print_trace(model, tokenizer, prompt, want, max(steps))
+
+
+def sample_pretrained(args):
+    """--init_from: load a Huginn checkpoint, complete each --prompt (free text, or a chat turn with
+    --chat) at every r of --steps, and print the text with its speed and, with --criterion, the
+    steps each written token used. Generation stops at the checkpoint's stop tokens."""
+    from minird.pretrained import from_pretrained
+    from minird.tokenizer import HuginnTokenizer
+
+    if not args.prompt:
+        parser.error("--init_from needs at least one --prompt")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device={args.device} but this torch has no CUDA device")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    try:
+        t0 = time.perf_counter()
+        model = from_pretrained(args.init_from, dtype=dtype, device=device).eval()
+        tokenizer = HuginnTokenizer.from_pretrained(args.init_from)
+        n = model.num_params()
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+        print(f"{args.init_from}: {size} parameters in {dtype}, loaded on {device} in "
+              f"{time.perf_counter() - t0:.1f} s; effective depth P + R*r + C = "
+              + ", ".join(f"{model.effective_depth(r)} at r={r}" for r in args.steps or [model.config.mean_recurrence]))
+        for prompt in args.prompt:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) \
+                if args.chat else prompt
+            ids = tokenizer.encode(text, add_special_tokens=not args.chat)
+            if not args.chat and ids and ids[-1] == tokenizer.token_to_id("<|end_text|>"):
+                ids = ids[:-1]  # the text goes on: as the official README, drop the end-of-text mark
+            idx = torch.tensor([ids], device=device)
+            check_memory(model, 1, idx.size(1) + args.new_tokens, max(args.steps or [model.config.mean_recurrence]),
+                         args.cache_lookup_strategy)
+            print(f"\n{prompt!r} ({idx.size(1)} tokens{', chat format' if args.chat else ''})")
+            for r in args.steps or [model.config.mean_recurrence]:
+                torch.manual_seed(args.seed)  # Huginn starts every token from a random state
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                out = generate(model, idx, args.new_tokens, num_steps=r, stop_tokens=tokenizer.stop_token_ids,
+                               criterion=args.criterion, exit_threshold=args.exit_threshold,
+                               min_steps=args.min_steps, cache_lookup_strategy=args.cache_lookup_strategy,
+                               draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft,
+                               temperature=args.temperature, top_k=args.top_k)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - t0
+                written = out.ids[0, idx.size(1):].tolist()
+                steps = out.steps[0, idx.size(1) - 1:].tolist()  # the steps of the tokens that made each one
+                extra = f", mean steps {sum(steps) / len(steps):.1f}" if args.criterion != "none" else ""
+                print(f"  r={r} ({len(written)} tokens, {len(written) / seconds:.1f} tok/s{extra}): "
+                      f"{tokenizer.decode(written)!r}")
+            if args.trace:
+                torch.manual_seed(args.seed)
+                logits = model.trace(idx, max(args.steps or [model.config.mean_recurrence]))
+                tops = [step[0, -1].float().softmax(-1).max(-1) for step in logits]
+                print("  the next token read out after each step: " + " ".join(
+                    f"{t + 1}:{tokenizer.decode([i.item()])!r}({p.item():.2f})" for t, (p, i) in enumerate(tops)))
+    except ValueError as err:
+        sys.exit(f"sample.py: {err}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def test_default_steps_is_the_training_mean(checkpoint):
     (["--steps", "abc"], "positive integers"),
     (["--steps", "1,,4"], "positive integers"),
     (["--steps", "2.5"], "positive integers"),
-    (["--temperature", "1"], "unrecognized arguments"),
+    (["--temprature", "1"], "unrecognized arguments"),
     (["--criterion", "entropy"], "invalid choice"),
     (["--exit_threshold", "-1"], "non-negative number"),
     (["--min_steps", "0"], "positive integer"),
@@ -216,3 +216,48 @@ def test_bad_checkpoints_are_one_line_errors(checkpoint, tmp_path, damage, fragm
     result = run_sample(path, "--steps", "2")
     assert_one_line_error(result, "sample.py:", fragment)
     assert result.stdout == ""
+
+
+# -----------------------------------------------------------------------------
+# --init_from: a Huginn checkpoint in the official layout (the tiny fixture of tests/test_pretrained.py)
+
+HUGINN_FIXTURE = "tests/fixtures/huginn_tiny"
+
+
+def test_pretrained_text_is_generate_with_the_checkpoints_stop_tokens():
+    from minird.pretrained import from_pretrained
+    from minird.tokenizer import HuginnTokenizer
+
+    result = run_script("sample.py", "--init_from", HUGINN_FIXTURE, "--prompt", "Hello there", "--steps", "1,4",
+                        "--new_tokens", "6", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    model = from_pretrained(HUGINN_FIXTURE).eval()
+    tokenizer = HuginnTokenizer.from_pretrained(HUGINN_FIXTURE)
+    ids = tokenizer.encode("Hello there")[:-1]  # without the end-of-text mark: the text goes on
+    for r in (1, 4):
+        torch.manual_seed(3)
+        out = generate(model, torch.tensor([ids]), 6, num_steps=r, stop_tokens=tokenizer.stop_token_ids)
+        assert f"{tokenizer.decode(out.ids[0, len(ids):].tolist())!r}" in \
+            [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith(f"  r={r} ")]
+
+
+def test_pretrained_chat_wraps_the_prompt_in_the_chat_format():
+    result = run_script("sample.py", "--init_from", HUGINN_FIXTURE, "--chat", "--prompt", "Hi", "--steps", "2",
+                        "--new_tokens", "3", "--criterion", "kl")
+    assert result.returncode == 0, result.stderr
+    from minird.tokenizer import HuginnTokenizer
+    tokenizer = HuginnTokenizer.from_pretrained(HUGINN_FIXTURE)
+    n = len(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], True),
+                             add_special_tokens=False))
+    assert f"'Hi' ({n} tokens, chat format)" in result.stdout and "mean steps" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--init_from", "tests/fixtures/no_such_folder", "--prompt", "x"], "no such folder"),
+    (["--init_from", HUGINN_FIXTURE], "--init_from needs at least one --prompt"),
+    (["--chat"], "--chat, --dtype and --device go with --init_from"),
+    (["--init_from", HUGINN_FIXTURE, "--prompt", "x", "--steps", "2", "--min_steps", "3", "--criterion", "kl"],
+     "min_steps must be an integer from 1 to num_steps = 2"),
+])
+def test_pretrained_bad_arguments_are_one_line_errors(args, fragment):
+    assert_one_line_error(run_script("sample.py", *args), "sample.py:", fragment)
