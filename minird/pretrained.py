@@ -18,7 +18,7 @@ Tensor names, official -> minird; every other part of a name, and every shape bu
     transformer.core_block.{i}.<block>    core.{i}.<block>
     transformer.coda.{i}.<block>          coda.{i}.<block>
     transformer.ln_f.weight               ln_f.weight
-    lm_head.weight                        may be stored too; it must equal transformer.wte.weight (tied)
+    lm_head.weight                        may be stored too, or instead; it must equal the embedding (tied)
     freqs_cis (1, block_size, 1, hs/2, 2) may be stored (the official RoPE table is a persistent buffer);
                                           minird recomputes its own (rope_cos, rope_sin) and only checks it
     <block>: norm_1..norm_4.weight, attn.Wqkv.weight, attn.proj.weight, mlp.fc.weight, mlp.proj.weight, and
@@ -155,6 +155,7 @@ PREFIXES = [
     ("transformer.ln_f.", "ln_f."),
 ]
 TIED_HEAD = "lm_head.weight"  # the official name, and minird's: the same tensor as the embedding
+EMBEDDING = "wte.weight"
 ROPE_TABLE = "freqs_cis"
 
 
@@ -262,10 +263,7 @@ def from_pretrained(path_or_hub_id, dtype=torch.float32, device="cpu"):
                     if name == ROPE_TABLE:
                         check_rope_table(f.get_tensor(name), config, file)
                         continue
-                    if name == TIED_HEAD:
-                        head = f.get_tensor(name).to(dtype)  # compared with the embedding once that is loaded
-                        continue
-                    mine = minird_name(name)
+                    mine = EMBEDDING if name == TIED_HEAD else minird_name(name)
                     if mine not in expected:
                         raise ValueError(f"{file}: tensor {name} is not part of a Huginn model with this config.json")
                     want = expected[mine] if not is_qk_bias(name) else expected[mine][:3] + expected[mine][4:]
@@ -273,18 +271,24 @@ def from_pretrained(path_or_hub_id, dtype=torch.float32, device="cpu"):
                     if shape != tuple(want):
                         raise ValueError(f"{file}: {name} has shape {shape}, config.json gives {tuple(want)}")
                     t = f.get_tensor(name).to(dtype)
+                    if name == TIED_HEAD:
+                        head = t  # the embedding, if that is not stored too; else the same values
+                        continue
                     tensors[mine] = t.unsqueeze(3) if is_qk_bias(name) else t  # (2, 1, nh, hs) -> (2, 1, nh, 1, hs)
         except SafetensorError as exc:
             raise ValueError(f"{path}: not a complete safetensors file ({exc})") from None
         model.load_state_dict(tensors, strict=False, assign=True)
         loaded.update(tensors)
         del tensors
+    if head is not None and EMBEDDING not in loaded:  # a tied checkpoint may keep either name
+        model.load_state_dict({EMBEDDING: head}, strict=False, assign=True)
+        loaded.add(EMBEDDING)
+    elif head is not None and not torch.equal(head, model.wte.weight):
+        raise ValueError(f"{folder}: lm_head.weight differs from transformer.wte.weight; minird ties them")
     missing = [official_name(name) for name in expected if name not in loaded]
     if missing:
         raise ValueError(f"{folder}: the checkpoint has no {missing[0]} ({len(missing)} tensors missing)")
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter; tie the head to it again
-    if head is not None and not torch.equal(head, model.wte.weight):
-        raise ValueError(f"{folder}: lm_head.weight differs from transformer.wte.weight; minird ties them")
     # computed on the CPU, as minird's constructor does, so that the tables are the same bits on any device
     cos, sin = precompute_rope(config.n_embd // config.n_head, config.block_size, config.rope_base)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)

@@ -198,6 +198,19 @@ def test_lm_head_must_be_tied(tmp_path):
     assert_one_line_value_error(folder, "lm_head.weight differs from transformer.wte.weight")
 
 
+def test_tied_head_stored_instead_of_the_embedding(tmp_path):
+    """A tied checkpoint may keep the tensor under the head's name only (the official vLLM loader reads either)."""
+    folder = broken_copy(tmp_path)
+    for shard in SHARDS:
+        tensors = load_file(folder / shard)
+        if "transformer.wte.weight" in tensors:
+            tensors["lm_head.weight"] = tensors.pop("transformer.wte.weight")
+            save_file(tensors, folder / shard, metadata={"format": "pt"})
+    model = from_pretrained(folder)
+    assert torch.equal(model.wte.weight, fixture_tensors()["transformer.wte.weight"])
+    assert model.lm_head.weight is model.wte.weight
+
+
 def test_wrong_shape(tmp_path):
     folder = broken_copy(tmp_path, {"intermediate_size": 48})
     assert_one_line_value_error(folder, "mlp.fc.weight has shape (128, 32), config.json gives (96, 32)")
