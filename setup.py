@@ -55,7 +55,8 @@ setup(
     description="A minimal recurrent-depth (latent reasoning) language model",
     packages=find_packages(include=["minird", "minird.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "tqdm", "safetensors", "tokenizers"],
+    # numpy: torch warns "Failed to initialize NumPy" on every import without it
+    install_requires=["torch", "numpy", "tqdm", "safetensors", "tokenizers"],
     extras_require={"plot": ["matplotlib"], "test": ["pytest"], "hf": ["huggingface_hub"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
