@@ -129,6 +129,8 @@ def make_model(vocab_size, seed):
                                   mean_recurrence=32, mean_backprop_depth=8, init="takase", token_shift=False,
                                   scale_embedding=True)
     model = RecurrentDepthLM(config)
+    # norm weights start at 1 and q/k biases at 0: random instead, so that one loaded into the wrong
+    # place, or a bias laid out wrong, changes the logits
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name == "ln_f.weight":
