@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minird import pretrained
+from minird.generate import generate
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 from minird.pretrained import config_from_official, config_to_official, from_pretrained, save_pretrained
 from minird.tokenizer import HuginnTokenizer, chat_prompt
@@ -82,8 +83,8 @@ def test_logits_match_the_official_code(num_steps):
 def test_greedy_tokens_match_the_official_code(zero_state_model):
     g = GOLDEN["greedy"]
     idx = torch.tensor([g["prompt_ids"]])
-    out = zero_state_model.generate(idx, len(g["tokens"]), num_steps=g["num_steps"])
-    assert out[0, idx.size(1):].tolist() == g["tokens"]
+    out = generate(zero_state_model, idx, len(g["tokens"]), num_steps=g["num_steps"])
+    assert out.ids[0, idx.size(1):].tolist() == g["tokens"]
 
 
 def test_adaptive_exit_steps_match_the_official_code(zero_state_model):
@@ -93,11 +94,10 @@ def test_adaptive_exit_steps_match_the_official_code(zero_state_model):
     The prompt is one token: the official prefill stops all prompt tokens together, on the last one's
     criterion, where minird stops each by its own."""
     a = GOLDEN["adaptive"]
-    out, steps = zero_state_model.generate(torch.tensor([a["prompt_ids"]]), len(a["tokens"]), num_steps=a["num_steps"],
-                                           criterion=a["criterion"], exit_threshold=a["exit_threshold"],
-                                           return_steps=True)
-    assert out[0, 1:].tolist() == a["tokens"]
-    assert steps[0].tolist() == a["steps"]  # the prompt token's, then each fed token's
+    out = generate(zero_state_model, torch.tensor([a["prompt_ids"]]), len(a["tokens"]), num_steps=a["num_steps"],
+                   criterion=a["criterion"], exit_threshold=a["exit_threshold"])
+    assert out.ids[0, 1:].tolist() == a["tokens"]
+    assert out.steps[0].tolist() == a["steps"]  # the prompt token's, then each fed token's
 
 
 def test_save_pretrained_round_trip(tmp_path):

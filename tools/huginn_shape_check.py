@@ -34,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from minird.generate import generate  # noqa: E402
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM  # noqa: E402
 from minird.pretrained import from_pretrained, save_pretrained  # noqa: E402
 
@@ -80,7 +81,7 @@ def stage_save(args, device, dtype):
 def minird_greedy(model, idx, args):
     """args.new_tokens greedy tokens after idx at args.num_steps, every token from s0 = 0."""
     model.config.init_scale = 0.0
-    return model.generate(idx, args.new_tokens, num_steps=args.num_steps)[0, idx.size(1):].tolist()
+    return generate(model, idx, args.new_tokens, num_steps=args.num_steps).ids[0, idx.size(1):].tolist()
 
 
 def stage_minird(args, device, dtype):
