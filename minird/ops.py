@@ -340,6 +340,7 @@ def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_
     gradient run in one C++ call; the steps with gradient go through core_step's differentiable ops."""
     n_no_grad, n_grad = num_steps
     h = e.size(-1)
+    cos, sin = cos.to(s.dtype), sin.to(s.dtype)  # a bf16 model may keep fp32 tables; the kernels take one dtype
     e_proj = F.linear(e, adapter_weight[:, h:])  # W_e e: once per forward, reused by every step
     if n_no_grad > 0:
         with torch.no_grad():
