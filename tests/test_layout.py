@@ -9,7 +9,7 @@ from helpers import ROOT
 LAYERS = [
     {"ops", "kv_cache", "data", "cli"},
     {"model"},
-    {"generate", "checkpoint", "pretrained"},
+    {"generate", "checkpoint", "pretrained", "diagnose"},
     {"evaluate", "tokenizer"},
     {"train"},
     {"experiments", "bench"},

@@ -170,6 +170,8 @@ def test_no_run_replaces_a_checkpoint_it_was_not_asked_to(trained_run, tmp_path)
     ("--extrapolation_hops=far", "--extrapolation_hops must look like 4-10"),
     ("--depth_steps=1,0", "--depth_steps must be positive integers"),
     ("--curriculum_threshold=1.5", "--curriculum_threshold must be in (0, 1]"),
+    ("--preset=giant", "--preset must be one of tiny, huginn"),
+    ("--plateau_check=-5", "--plateau_check must be >= 0"),
 ])
 def test_every_bad_setting_is_a_one_line_error_before_any_work(tmp_path, setting, fragment):
     result = run_script("train_tiny.py", *tiny_args(tmp_path / "out", 10), setting)
@@ -198,3 +200,40 @@ def test_default_run_shows_depth_scaling(tmp_path):
     assert sum(ind[str(mean_r)].values()) / len(ind[str(mean_r)]) >= 0.9  # the issue's bar at r = mean
     for h, acc in ext["32"].items():  # beyond training: right with enough steps, not with 8
         assert acc > 0.7 and (int(h) + 1 <= 8 or ext["8"][h] < 0.5) and ext["64"][h] >= acc - 0.02, (h, acc)
+
+
+def test_plateau_detector_restarts_a_stuck_run_and_says_so(tmp_path):
+    """A run that cannot learn (a learning rate of ~0) is still at the curriculum's first level at
+    plateau_check: one line says so, the run restarts from iteration 0 with seed + 1000, and the
+    report records the run it gave up."""
+    result = run_script("train_tiny.py", *tiny_args(tmp_path / "out", 60, "--learning_rate=1e-9", "--min_lr=0",
+                                                    "--plateau_check=40", "--plateau_restarts=1"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("plateau:")]
+    assert lines == [f"plateau: at iteration 40 the curriculum is still at level 1 (one-lookup accuracy "
+                     f"{lines[0].split('accuracy ')[1].split(' <')[0]} < 0.8); restarting from iteration 0 with "
+                     f"seed 2337 (restart 1 of 1)"]
+    report = json.loads((tmp_path / "out" / "depth_scaling.json").read_text())
+    assert [(r["seed"], r["stopped_at"]) for r in report["restarts"]] == [(1337, 40)]
+    assert report["iters"] == 60 and [e["iter"] for e in report["log"]] == [10, 20, 30, 40, 50, 60]
+    assert "(seed 2337; restarted after 40 iterations of seed 1337 on the plateau)" in result.stdout
+
+
+def test_plateau_detector_leaves_a_run_that_left_the_first_level_alone(tmp_path):
+    """The detector looks at the curriculum only: a run whose gate opened before plateau_check (here
+    a threshold low enough to open at the first check, iteration 50) goes on untouched."""
+    result = run_script("train_tiny.py", *tiny_args(tmp_path / "out", 60, "--curriculum_threshold=0.01",
+                                                    "--plateau_check=55"))
+    assert result.returncode == 0, result.stderr
+    assert "plateau:" not in result.stdout
+    report = json.loads((tmp_path / "out" / "depth_scaling.json").read_text())
+    assert report["restarts"] == [] and report["log"][-1]["max_hops"] > 1
+
+
+def test_preset_replaces_defaults_but_not_what_is_given():
+    from minird.train import PRESETS, TrainConfig, settings_of, with_preset
+    defaults = settings_of(TrainConfig())
+    huginn = with_preset({**defaults, "preset": "huginn"}, given={"preset", "n_layers_in_coda"})
+    assert huginn["n_layers_in_prelude"] == PRESETS["huginn"]["n_layers_in_prelude"] == 1
+    assert huginn["n_layers_in_coda"] == defaults["n_layers_in_coda"]  # given on the command line: kept
+    assert with_preset(defaults, given=set()) == defaults  # the tiny preset is the defaults
