@@ -65,17 +65,17 @@ class ExitCriterion:
 
 @torch.no_grad()
 def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_cache=None, mask=None, s0=None,
-                     tokens=None):
+                     tokens=None, init_scale=None):
     """model.iterate for up to num_steps steps, with per-token adaptive exit: a token whose
     exit_rule (an ExitCriterion) is met at step >= min_steps keeps its state from then on.
     Frozen tokens still serve keys and values (from their frozen state) to the others of this
     forward. Once all of a row's tokens have stopped, the cache entries of the steps it did not
     run repeat each token's last ones ("latest entry"), for later tokens to read -- whether or
     not other rows go on, so a row gets what it would get alone. The loop ends when every token
-    has stopped. tokens (B, T) bool: False at left padding, which never runs.
-    Returns the final state (B, T, h) and the steps each token used (B, T), 0 for padding."""
+    has stopped. tokens (B, T) bool: False at left padding, which never runs. s0: the initial
+    state (default: a fresh one at init_scale, as model.iterate). Returns the final state (B, T, h) and the steps each token used (B, T), 0 for padding."""
     B, T, _ = e.shape
-    s = model.initialize_state(e) if s0 is None else s0
+    s = model.initialize_state(e, init_scale) if s0 is None else s0
     used = torch.full((B, T), num_steps, dtype=torch.long, device=e.device)
     stopped = torch.zeros(B, T, dtype=torch.bool, device=e.device)
     if tokens is not None:
@@ -109,24 +109,26 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
 
 @torch.no_grad()
 def feed(model, new_ids, kv_cache=None, num_steps=None, criterion="none", exit_threshold="auto", min_steps=1,
-         s0=None, attention_mask=None):
+         s0=None, attention_mask=None, init_scale=None):
     """One forward of new_ids (B, T), after the tokens already in kv_cache (None: none, and no
     cache is kept): num_steps steps (default mean_r; criterion "none"), or per-token adaptive
     exit capped at num_steps. generate feeds every prompt, drafted and written token through it.
-    s0 (B, T, h): the initial state (default: fresh). attention_mask (B, T): 0 at left padding.
+    s0 (B, T, h): the initial state (default: fresh, at init_scale or the model's). attention_mask
+    (B, T): 0 at left padding.
     Returns logits (B, T, vocab), the steps each token used (B, T; 0 at padding) and the final
     state s (B, T, h); kv_cache then holds new_ids too."""
     num_steps = model.config.mean_recurrence if num_steps is None else num_steps
     cos, sin, mask = model.positions(new_ids, kv_cache, attention_mask)
     e = model.embed(new_ids, cos, sin, kv_cache, mask, attention_mask)
     if criterion == "none":
-        s = model.iterate(e, (num_steps, 0), cos, sin, kv_cache, mask, s0=s0)
+        s = model.iterate(e, (num_steps, 0), cos, sin, kv_cache, mask, init_scale, s0=s0)
         used = torch.full(new_ids.shape, num_steps, device=new_ids.device)
         if attention_mask is not None:
             used = used * attention_mask
     else:
         rule = ExitCriterion(criterion, exit_threshold, new_ids.shape, model.config.vocab_size, new_ids.device)
-        s, used = iterate_adaptive(model, e, num_steps, cos, sin, rule, min_steps, kv_cache, mask, s0, attention_mask)
+        s, used = iterate_adaptive(model, e, num_steps, cos, sin, rule, min_steps, kv_cache, mask, s0, attention_mask,
+                                   init_scale)
     logits = model.readout(s, cos, sin, kv_cache, mask)
     if kv_cache is not None:
         kv_cache.seq_len += new_ids.size(1)
@@ -165,6 +167,7 @@ class GenerationConfig:
     # output in fewer forwards at num_steps. A batch keeps the shortest agreeing prefix of its rows.
     draft_steps: int = None
     lookahead_for_draft: int = 8
+    init_scale: float = None  # scale of each token's random s0 (None: the model's; 0: zeros), as the official generate's
 
     def validated(self, model):
         """A copy with num_steps resolved and stop_tokens a tuple, or ValueError naming the option."""
@@ -172,6 +175,8 @@ class GenerationConfig:
         stop_tokens = (self.stop_tokens,) if isinstance(self.stop_tokens, int) else tuple(self.stop_tokens)
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if self.init_scale is not None and not (math.isfinite(self.init_scale) and self.init_scale >= 0):
+            raise ValueError(f"init_scale must be None or a number >= 0, got {self.init_scale!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -298,7 +303,7 @@ def decode_plainly(model, idx, length, kv_cache, config, attention_mask):
     """One token per forward until length tokens, or every row has stopped. Returns (ids, steps, stats)."""
     stats = DraftStats(forwards=1)
     logits, steps, s = feed(model, idx, kv_cache, config.num_steps, config.criterion, config.exit_threshold,
-                            config.min_steps, attention_mask=attention_mask)  # the prompt, in parallel
+                            config.min_steps, attention_mask=attention_mask, init_scale=config.init_scale)  # the prompt
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     while True:
         next_id = choose(logits[:, -1], config)  # (B, 1)
@@ -308,7 +313,7 @@ def decode_plainly(model, idx, length, kv_cache, config, attention_mask):
             return idx, steps, stats  # no forward for logits that would not be used
         s0 = s[:, -1:] if config.continuous_compute else None
         logits, used, s = feed(model, next_id, kv_cache, config.num_steps, config.criterion, config.exit_threshold,
-                               config.min_steps, s0)
+                               config.min_steps, s0, init_scale=config.init_scale)
         steps = torch.cat([steps, used], dim=1)
         stats.forwards += 1
 
@@ -319,7 +324,8 @@ def decode_speculatively(model, idx, length, kv_cache, config, attention_mask):
     verify) and keep the drafts up to the first the verifier would not have picked, then the token
     it picks there. tests/test_generate.py checks the two decoders write the same tokens."""
     stats = DraftStats(forwards=1)
-    logits, steps, _ = feed(model, idx, kv_cache, config.num_steps, attention_mask=attention_mask)
+    logits, steps, _ = feed(model, idx, kv_cache, config.num_steps, attention_mask=attention_mask,
+                            init_scale=config.init_scale)
     new_ids = choose(logits[:, -1], config)  # (B, 1); later rounds add up to lookahead + 1 tokens
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     while True:
@@ -336,12 +342,13 @@ def decode_speculatively(model, idx, length, kv_cache, config, attention_mask):
         lookahead = min(config.lookahead_for_draft, length - 1 - idx.size(1))
         start, last_id, drafted = kv_cache.seq_len, idx[:, -1:], [idx[:, :0]]
         for _ in range(lookahead):
-            draft_logits, _, _ = feed(model, last_id, kv_cache, config.draft_steps)
+            draft_logits, _, _ = feed(model, last_id, kv_cache, config.draft_steps, init_scale=config.init_scale)
             last_id = draft_logits[:, -1].argmax(dim=-1, keepdim=True)
             drafted.append(last_id)
         drafted = torch.cat(drafted, dim=1)  # (B, lookahead)
         kv_cache.seq_len = start  # the verify writes the drafts' positions again, at num_steps
-        logits, used, _ = feed(model, torch.cat([idx[:, -1:], drafted], dim=1), kv_cache, config.num_steps)
+        logits, used, _ = feed(model, torch.cat([idx[:, -1:], drafted], dim=1), kv_cache, config.num_steps,
+                               init_scale=config.init_scale)
         # logits[:, i] predicts what follows drafted token i - 1
         agree = (logits[:, :-1].argmax(dim=-1) == drafted).cumprod(dim=1).sum(dim=1)  # (B,)
         n = int(agree.min())  # a batch keeps the shortest agreeing prefix of its rows

@@ -312,3 +312,15 @@ def test_stop_tokens_end_every_row(tiny_config):
     out = generate(model, prompt, 20, num_steps=3, stop_tokens=stops).ids
     ends = [min(i for i in range(5, plain.size(1)) if int(plain[b, i]) in stops) for b in (0, 1)]
     assert torch.equal(out, plain[:, :max(ends) + 1])
+
+
+def test_init_scale_option_is_the_models_setting(tiny_config):
+    """GenerationConfig.init_scale (the official generate's argument) does what the model's
+    init_scale does: 0 gives the deterministic run of a model configured with s0 = 0."""
+    model = make_model(tiny_config).eval()  # tiny_config: init_scale 1, a random s0 per token
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5))
+    zero = generate(model, prompt, 6, num_steps=3, criterion="kl", init_scale=0.0)
+    tiny_config.init_scale = 0.0
+    assert torch.equal(zero.ids, generate(model, prompt, 6, num_steps=3, criterion="kl").ids)
+    with pytest.raises(ValueError, match="init_scale must be None or a number >= 0"):
+        generate(model, prompt, 2, init_scale=-1.0)
