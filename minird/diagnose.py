@@ -25,8 +25,10 @@ def lookup_pairs(problem):
     text, defined_at = problem.text, {}
     for i, c in enumerate(text):
         defined_at.setdefault(c, i)
-    pairs = [(pos - 1, defined_at[text[pos - 1]] + 1) for pos, h in zip(problem.answer_positions, problem.hops) if h == 0]
-    pairs += [(slot, defined_at[text[slot]] + 1) for slot, d in zip(problem.value_slots, problem.value_depths) if d == 1]
+    pairs = [(pos - 1, defined_at[text[pos - 1]] + 1)
+             for pos, h in zip(problem.answer_positions, problem.hops) if h == 0]
+    pairs += [(slot, defined_at[text[slot]] + 1)
+              for slot, d in zip(problem.value_slots, problem.value_depths) if d == 1]
     return pairs
 
 

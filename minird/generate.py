@@ -73,7 +73,8 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
     run repeat each token's last ones ("latest entry"), for later tokens to read -- whether or
     not other rows go on, so a row gets what it would get alone. The loop ends when every token
     has stopped. tokens (B, T) bool: False at left padding, which never runs. s0: the initial
-    state (default: a fresh one at init_scale, as model.iterate). Returns the final state (B, T, h) and the steps each token used (B, T), 0 for padding."""
+    state (default: a fresh one at init_scale, as model.iterate).
+    Returns the final state (B, T, h) and the steps each token used (B, T), 0 for padding."""
     B, T, _ = e.shape
     s = model.initialize_state(e, init_scale) if s0 is None else s0
     used = torch.full((B, T), num_steps, dtype=torch.long, device=e.device)
@@ -167,7 +168,7 @@ class GenerationConfig:
     # output in fewer forwards at num_steps. A batch keeps the shortest agreeing prefix of its rows.
     draft_steps: int = None
     lookahead_for_draft: int = 8
-    init_scale: float = None  # scale of each token's random s0 (None: the model's; 0: zeros), as the official generate's
+    init_scale: float = None  # each token's random s0 scale (None: the model's; 0: zeros), as the official generate
 
     def validated(self, model):
         """A copy with num_steps resolved and stop_tokens a tuple, or ValueError naming the option."""

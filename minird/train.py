@@ -101,7 +101,8 @@ class TrainConfig:
     # Settings that make the model or the data what they are: a resumed run keeps the checkpoint's.
     RUN_DEFINING = ("n_embd", "n_head", "intermediate_size", "n_layers_in_prelude", "n_layers_in_recurrent_block",
                     "n_layers_in_coda", "mean_recurrence", "mean_backprop_depth", "init", "scale_embedding",
-                    "token_shift", "token_shift_init_std", "init_scale", "block_size", "n_queries", "n_distractors", "max_hops",
+                    "token_shift", "token_shift_init_std", "init_scale", "block_size", "n_queries", "n_distractors",
+                    "max_hops",
                     "max_distractor_hops", "dense_targets", "step_loss", "fixed_steps", "seed")
 
     def extrapolation_range(self):
@@ -246,8 +247,9 @@ def get_lr(config, it):
 def train(config, given=None, log_line=print):
     """Train as config says and return {"train_time_s", "iters", "settings", "results", "log",
     "restarts", "run_seed", "stopped_early", "model", "device"}: restarts lists the runs the plateau
-    detector gave up ({"seed", "stopped_at", "gate_accuracy", "log"}), run_seed is the last run's; results is the final depth table {set: {r: {hops: accuracy}}} (on
-    rank 0; None elsewhere and when stopped early). given: the settings named on the command line;
+    detector gave up ({"seed", "stopped_at", "gate_accuracy", "log"}), run_seed is the last run's;
+    results is the final depth table {set: {r: {hops: accuracy}}} (on rank 0; None elsewhere and
+    when stopped early). given: the settings named on the command line;
     with resume, one that would change the run (RUN_DEFINING) differing from the checkpoint's is
     an error. Raises ConfigError or TrainingStopped with a one-line reason."""
     config.validate()
@@ -279,7 +281,8 @@ def train(config, given=None, log_line=print):
     if config.resume:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         saved = ckpt.get("settings", {})
-        changed = sorted(k for k in (given or ()) if k in TrainConfig.RUN_DEFINING and saved.get(k) != getattr(config, k))
+        changed = sorted(k for k in (given or ()) if k in TrainConfig.RUN_DEFINING
+                         and saved.get(k) != getattr(config, k))
         if changed:
             raise ConfigError(f"--resume=True keeps the checkpoint's {', '.join(changed)} "
                               f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}): drop the override, "

@@ -228,7 +228,8 @@ def test_speculative_decoding_is_plain_greedy(tiny_config, device, use_kernels):
     assert torch.equal(generate(model, prompt, 100, num_steps=r, draft_steps=2, lookahead_for_draft=5).ids, plain)
     stop = int(plain[0, 9])
     stopped = generate(model, prompt, 100, num_steps=r, stop_tokens=stop).ids
-    assert torch.equal(generate(model, prompt, 100, num_steps=r, stop_tokens=stop, draft_steps=r, lookahead_for_draft=6).ids,
+    assert torch.equal(generate(model, prompt, 100, num_steps=r, stop_tokens=stop, draft_steps=r,
+                                lookahead_for_draft=6).ids,
                        stopped)
 
 

@@ -33,7 +33,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=positive_ints, default=None,
                         help="unshared blocks of each baseline (baselines; default: R, the recurrent model's "
                              "parameters, and R x mean r, its compute at the training mean)")
-    parser.add_argument("--iters", type=positive_int, default=2000, help="training iterations of each baseline (baselines)")
+    parser.add_argument("--iters", type=positive_int, default=2000,
+                        help="training iterations of each baseline (baselines)")
     parser.add_argument("--kv_steps", type=positive_ints, default=[4, 8, 16], help="fixed r values (kvshare)")
     parser.add_argument("--kv_slots", type=positive_ints, default=None,
                         help="N of each compress-sN compared with the full cache (kvshare; default R, 2R, 4R)")
@@ -41,7 +42,8 @@ def main(argv=None):
                         help="steps of the drafted tokens, at most --cap (speculative)")
     parser.add_argument("--lookahead_for_draft", type=positive_ints, default=[4],
                         help="tokens drafted per round (speculative)")
-    parser.add_argument("--spec_lines", type=positive_int, default=16, help="prompts, one per held-out line (speculative)")
+    parser.add_argument("--spec_lines", type=positive_int, default=16,
+                        help="prompts, one per held-out line (speculative)")
     parser.add_argument("--new_tokens", type=positive_int, default=48,
                         help="tokens written after each prompt, fewer where the context ends (speculative)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
