@@ -153,11 +153,14 @@ def check_memory(model, batch, length, num_steps, strategy):
         memory, where = torch.cuda.mem_get_info(weight.device)[0], "free on the GPU"
     else:
         memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in this machine"
+    advice = (f"--cache_lookup_strategy compress-s{model.config.n_layers_in_recurrent_block} keeps one step's "
+              f"worth of keys, whatever r")
     if needed > memory / 2:
         raise ValueError(f"--steps {num_steps} needs a KV cache of {needed / 2**30:.1f} GiB for {batch} prompts "
-                         f"({memory / 2**30:.1f} GiB {where}): use fewer steps, or "
-                         f"--cache_lookup_strategy compress-s{model.config.n_layers_in_recurrent_block} "
-                         f"(one step's worth of keys, whatever r)")
+                         f"({memory / 2**30:.1f} GiB {where}): use fewer steps, or {advice}")
+    if needed > 2**30:
+        print(f"sample.py: note: --steps {num_steps} keeps a KV cache of {needed / 2**30:.1f} GiB ({advice})",
+              file=sys.stderr)
 
 
 def main():

@@ -3,6 +3,7 @@ Time one recurrent step (adapter + R core blocks) five ways, on every device her
 
     python -m minird.bench                 # all devices; --device=cpu or --device=cuda for one
     python -m minird.bench --device=cpu --threads=1
+    python -m minird.bench --generate      # also generate() end to end: tokens/s at r = 4 and 32
 
 eager           RecurrentDepthLM.core_step, the pure-PyTorch reference
 torch.compile   the same Python loop under torch.compile (default mode)
@@ -13,8 +14,8 @@ minird + graph  the same, captured and replayed (CUDA only)
 decode kernel   decode only, CUDA only: decode_steps, all r steps of the token in one persistent kernel
                 (+ graph: captured and replayed)
 
-Cases (docs/ARCHITECTURE.md, "the fused step"): (a) decode: B=1, one new token after a KV cache of 128 tokens, r=4 steps
-for the token, h=256 and 1024; bf16 on GPU, fp32 on CPU. (b) training: B=64, T=256, h=256,
+Cases (docs/ARCHITECTURE.md, section 4): (a) decode: B=1, one new token after a KV cache of 128
+tokens, r=4 steps for the token, h=256 and 1024; bf16 on GPU, fp32 on CPU. (b) training: B=64, T=256, h=256,
 forward + backward through 4 steps (on the 2-core CPU, B=8 so that the run ends in minutes).
 All: R=4 core blocks, heads of 64, SwiGLU inner size 4h. Times are us per recurrent step
 (median over repeats on GPU, fastest repeat on CPU, / r), ratios are eager / variant.
@@ -33,7 +34,7 @@ from torch.nn import functional as F
 
 from minird import ops
 from minird.cli import Parser
-from minird.generate import feed
+from minird.generate import feed, generate
 from minird.kv_cache import KVCache
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 
@@ -270,10 +271,51 @@ def run_device(device):
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# end to end: what generate() costs per token, all of it (embed, prelude, the r steps, coda, head,
+# the choice of the next token, and Python), on a model of Huginn's layout at toy width
+
+
+def generation_rows(device, new_tokens=32):
+    """generate() greedy, batch 1, after a prompt of CACHE tokens, at r = 4 and 32, kernels on and
+    off: tokens/s, us per recurrent step, and the floor (the weights one token reads: the
+    prelude, coda and head once, the adapter and core once per step, at the measured bandwidth)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = RecurrentDepthConfig(vocab_size=256, block_size=512, n_embd=256, n_head=4, intermediate_size=1024,
+                                  n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2,
+                                  token_shift=False, init_scale=0.0)
+    model = RecurrentDepthLM(config).to(device, dtype).eval()
+    prompt = torch.randint(0, 256, (1, CACHE), device=device)
+    bw, _ = measure_ceilings(device)
+    size = torch.empty((), dtype=dtype).element_size()
+    once = sum(p.numel() for part in (model.prelude, model.coda) for p in part.parameters()) + model.wte.weight.numel()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\ngenerate(), {name}, {dtype}: h=256, P2 R4 C2, heads of 64, batch 1, {new_tokens} new tokens after "
+          f"{CACHE} (the prompt's forward included), greedy; tokens/s (us per recurrent step)")
+    print("| r | eager | minird kernels | floor |")
+    print("|---|---|---|---|")
+    for r in (4, 32):
+        cells = []
+        for kernels in (False, True):
+            model.use_kernels = kernels
+            if kernels and not ops.kernels_available(device):
+                cells.append("n/a")
+                continue
+            seconds = median_time(lambda: generate(model, prompt, new_tokens, num_steps=r), device, min_time=1.0,
+                                  max_reps=5)
+            tok_s = new_tokens / seconds
+            cells.append(f"{tok_s:.1f} ({1e6 / tok_s / r:.0f} us)")
+        floor = bw / ((once + r * step_params(model)) * size)
+        print(f"| {r} | " + " | ".join(cells) + f" | {floor:.0f} |", flush=True)
+
+
 def main(argv):
     parser = Parser(prog="minird.bench", description=__doc__.splitlines()[1])
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
                         help="all: the CPU, and the GPU where there is one")
+    parser.add_argument("--generate", action="store_true",
+                        help="also time generate() end to end (tokens/s), on a Huginn-layout toy model")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (default 0: torch's); 1 is steadier on a CPU shared with other work")
     args = parser.parse_args(argv)
@@ -293,6 +335,8 @@ def main(argv):
         if device == "cpu":
             torch.set_flush_denormal(True)  # denormals made CPU elementwise ops ~10x slower (docs/TRAINING_LOG.md)
         run_device(device)
+        if args.generate:
+            generation_rows(device)
 
 
 if __name__ == "__main__":
