@@ -23,11 +23,12 @@ def train_baseline(settings, out_dir, layers, iters):
     """Train a non-recurrent model the way train_tiny.py does: the recurrent run's settings, but
     `layers` unshared blocks run exactly once (r = 1) with the ordinary last-step loss, into
     out_dir (replaced). Returns minird.train.train's result (the model, time, accuracy log)."""
+    # plateau_check 0: a baseline that stays at a curriculum level is the finding, not a run to restart
     known = {f.name for f in fields(TrainConfig)}  # a checkpoint of an older minird may have others
     overrides = {**{k: v for k, v in settings.items() if k in known}, "out_dir": out_dir, "resume": False,
                  "overwrite": True, "max_iters": iters, "n_layers_in_recurrent_block": layers, "mean_recurrence": 1,
                  "mean_backprop_depth": 1, "fixed_steps": 1, "step_loss": False, "depth_steps": "1",
-                 "progress": False, "threads": 1}
+                 "progress": False, "threads": 1, "plateau_check": 0}
     try:
         return train(TrainConfig(**overrides), log_line=lambda line: None)
     except ValueError as err:
