@@ -213,6 +213,11 @@ def settings_of(config):
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
+# what a checkpoint needs for --resume=True to go on exactly where the run stopped
+RESUME_KEYS = ("optimizer", "iter_num", "current_max_hops", "gate", "run_seed", "restarts", "data_rng", "steps_rng",
+               "torch_rng")
+
+
 class TrainingStopped(Exception):
     """The run cannot go on (a checkpoint that does not fit, a finished run asked for fewer iterations)."""
 
@@ -336,6 +341,10 @@ def train(config, given=None, log_line=print):
     gate_accuracy = 0.0  # of the last 50-iteration window
     model, optimizer, data_rng, steps_rng = start(run_seed)
     if ckpt is not None:
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise TrainingStopped(f"{ckpt_path} was written by an older minird (no {', '.join(missing)}): it cannot "
+                                  f"go on bit for bit; start a new run with --overwrite=True")
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

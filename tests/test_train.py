@@ -237,3 +237,15 @@ def test_preset_replaces_defaults_but_not_what_is_given():
     assert huginn["n_layers_in_prelude"] == PRESETS["huginn"]["n_layers_in_prelude"] == 1
     assert huginn["n_layers_in_coda"] == defaults["n_layers_in_coda"]  # given on the command line: kept
     assert with_preset(defaults, given=set()) == defaults  # the tiny preset is the defaults
+
+
+def test_resume_from_an_older_checkpoint_is_a_one_line_error(trained_run, tmp_path):
+    """A checkpoint without the random streams (written before resume restored them) cannot go on
+    bit for bit: refused in one line, and left as it is."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(trained_run[0], out_dir)
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    del ckpt["data_rng"], ckpt["run_seed"]
+    torch.save(ckpt, out_dir / "ckpt.pt")
+    result = run_script("train_tiny.py", *tiny_args(out_dir, TINY_ITERS + 10, "--resume=True"))
+    assert_one_line_error(result, "was written by an older minird (no run_seed, data_rng)", "--overwrite=True")
