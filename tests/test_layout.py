@@ -1,7 +1,6 @@
 """The package reads as layers: a module imports only modules of lower layers (docs/ARCHITECTURE.md)."""
 
 import ast
-from pathlib import Path
 
 from helpers import ROOT
 

@@ -21,7 +21,6 @@ used, so RSS says little there). Prints a table; --out writes it as JSON.
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
