@@ -249,3 +249,10 @@ def test_resume_from_an_older_checkpoint_is_a_one_line_error(trained_run, tmp_pa
     torch.save(ckpt, out_dir / "ckpt.pt")
     result = run_script("train_tiny.py", *tiny_args(out_dir, TINY_ITERS + 10, "--resume=True"))
     assert_one_line_error(result, "was written by an older minird (no run_seed, data_rng)", "--overwrite=True")
+
+
+def test_help_lists_every_setting_with_its_default():
+    from minird.train import TrainConfig, settings_of
+    result = run_script("train_tiny.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert all(f"--{k}={v}" in result.stdout for k, v in settings_of(TrainConfig()).items())
