@@ -256,6 +256,7 @@ def test_pretrained_chat_wraps_the_prompt_in_the_chat_format():
     (["--init_from", "tests/fixtures/no_such_folder", "--prompt", "x"], "no such folder"),
     (["--init_from", HUGINN_FIXTURE], "--init_from needs at least one --prompt"),
     (["--chat"], "--chat, --dtype and --device go with --init_from"),
+    (["--init_from", HUGINN_FIXTURE, "--prompt", "x", "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
     (["--init_from", HUGINN_FIXTURE, "--prompt", "x", "--steps", "2", "--min_steps", "3", "--criterion", "kl"],
      "min_steps must be an integer from 1 to num_steps = 2"),
 ])
