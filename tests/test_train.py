@@ -106,7 +106,8 @@ def test_resume_after_ctrl_c_is_the_uninterrupted_run_bit_for_bit(tmp_path):
     iters = 60
     whole = run_script("train_tiny.py", *tiny_args(tmp_path / "whole", iters, noisy_s0=True))
     assert whole.returncode == 0, whole.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # unbuffered: the line that says iteration 10 is done must reach us while the run goes on
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     split = tmp_path / "split"
     run = subprocess.Popen([sys.executable, "train_tiny.py", *tiny_args(split, iters, noisy_s0=True)], cwd=ROOT,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
