@@ -66,10 +66,13 @@ TORCH_LIBRARY(minird, m) {
       "float eps) -> Tensor");
   // recurrent_steps_cached for one new token (B = 1, T = 1) in one persistent CUDA
   // kernel launch: the decode case, where a step is otherwise dozens of dependent launches.
+  // pos_on_device: None, or a (1,) int64 tensor on s's device that the kernel reads the position
+  // from when it runs (pos is then only its upper bound): a CUDA graph captures one launch and
+  // replays it at every position (minird/graphed.py).
   m.def(
       "decode_steps(Tensor s, Tensor e_proj, Tensor adapter_weight, Tensor[] block_weights, Tensor cos, "
-      "Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int num_steps, int n_head, float eps) "
-      "-> Tensor");
+      "Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int num_steps, int n_head, float eps, "
+      "Tensor? pos_on_device=None) -> Tensor");
 }
 
 at::Tensor adapter(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& weight) {

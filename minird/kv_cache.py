@@ -62,6 +62,8 @@ class KVCache:
     Under adaptive exit a token that stopped after step i leaves, for the steps it skipped, copies
     of its step-i entries ("latest entry": repeat_step), which is the official "latest-m4"."""
 
+    position_on_device = False  # the next token's position is seq_len, a host int (DecodeView: a tensor)
+
     def __init__(self, max_len, lookup_strategy="full", n_core_layers=1):
         self.max_len = max_len
         self.num_slots = parse_lookup_strategy(lookup_strategy)
@@ -153,3 +155,54 @@ class KVCache:
     def allocated_bytes(self):
         """Bytes of the key and value buffers allocated (up to max_len)."""
         return sum(k.nbytes + v.nbytes for k, v in self.entries.values())
+
+    def reset(self):
+        """Empty the cache for a new sequence, keeping its buffers (a captured CUDA graph holds
+        their addresses): seq_len 0 and no padding; stored values are rewritten before they are read."""
+        self.seq_len = 0
+        if self.tokens is not None:
+            self.tokens.fill_(True)
+
+
+class DecodeView:
+    """A KVCache seen by ONE new token per row whose position is a device tensor pos (1,) instead
+    of the host int seq_len: writes go to position pos (index_copy_), attention reads all max_len
+    positions under mask() (those up to pos, without padding). Every shape and kernel argument is
+    then the same at every position, so one token's forward can be captured once in a CUDA graph
+    and replayed for each token (minird.graphed). The cache's own seq_len is not moved."""
+
+    position_on_device = True
+
+    def __init__(self, cache, pos):
+        self.cache = cache
+        self.pos = pos  # (1,) int64, on the cache's device
+        self.key_positions = None  # arange(max_len), made on first use
+
+    def slot(self, key):
+        return self.cache.slot(key)
+
+    def buffers(self, key, batch, n_head, head_dim, dtype, device):
+        return self.cache.buffers(key, batch, n_head, head_dim, dtype, device)
+
+    def update(self, key, k, v):
+        """Write k, v (B, nh, 1, hs) at position pos of key's entry; return its whole buffers
+        (B, nh, max_len, hs), which mask() restricts to positions 0 .. pos."""
+        B, nh, _, hs = k.shape
+        k_buf, v_buf = self.buffers(key, B, nh, hs, k.dtype, k.device)
+        k_buf.index_copy_(2, self.pos, k)
+        v_buf.index_copy_(2, self.pos, v)
+        return k_buf, v_buf
+
+    def shift_in(self, x):
+        """KVCache.shift_in at position pos >= 1 (decode always follows a prompt)."""
+        self.cache.embeddings.index_copy_(1, self.pos, x)
+        return self.cache.embeddings.index_select(1, self.pos - 1)
+
+    def mask(self):
+        """(B or 1, 1, 1, max_len) bool: the keys the token at pos attends to."""
+        if self.key_positions is None:
+            self.key_positions = torch.arange(self.cache.max_len, device=self.pos.device)
+        keys = (self.key_positions <= self.pos)[None]  # (1, max_len)
+        if self.cache.tokens is not None:
+            keys = keys & self.cache.tokens
+        return keys[:, None, None, :]

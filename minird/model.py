@@ -306,16 +306,25 @@ class RecurrentDepthLM(nn.Module):
             # the token before the first one is the last cached token, or nothing (zeros)
             first = kv_cache.shift_in(x) if kv_cache is not None else torch.zeros_like(x[:, :1])
             x = x + self.token_shift(torch.cat([first, x[:, :-1]], dim=1))  # (B, T, h)
-        for j, block in enumerate(self.prelude):
-            x = block(x, cos, sin, kv_cache, ("prelude", j), mask)
-        return x
+        return self.outer_blocks(self.prelude, "prelude", x, cos, sin, kv_cache, mask)
 
     def readout(self, s, cos, sin, kv_cache=None, mask=None):
         """Final state s (B, T, h) -> logits (B, T, vocab), fp32: ln_f, coda, ln_f, tied head."""
-        x = self.ln_f(s)
-        for j, block in enumerate(self.coda):
-            x = block(x, cos, sin, kv_cache, ("coda", j), mask)
+        x = self.outer_blocks(self.coda, "coda", self.ln_f(s), cos, sin, kv_cache, mask)
         return self.lm_head(self.ln_f(x)).float()
+
+    def outer_blocks(self, blocks, stage, x, cos, sin, kv_cache=None, mask=None):
+        """x through the prelude's or the coda's blocks (stage names their cache entries). While
+        decoding (with a KV cache) they run on the fused ops where the kernels are on: at r = 4 they
+        are half of a token's launches. Training and evaluation run them on the code below, so
+        that the recorded training runs reproduce bit for bit."""
+        if len(blocks) and kv_cache is not None and self.use_kernels and ops.kernels_available(x.device.type):
+            keys = [(stage, j) for j in range(len(blocks))]
+            return ops.sandwich_blocks(x, ops.block_weights(blocks), self.config.n_head, self.config.norm_eps, cos,
+                                       sin, kv_cache, keys, mask)
+        for j, block in enumerate(blocks):
+            x = block(x, cos, sin, kv_cache, (stage, j), mask)
+        return x
 
     def forward(self, idx, targets=None, num_steps=None, init_scale=None, target_lookups=None, attention_mask=None):
         """idx (B, T) -> (logits (B, T, vocab), loss or None). targets (B, T) with -1 = ignored.

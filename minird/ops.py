@@ -40,6 +40,11 @@ ENABLED = BUILT and os.environ.get("MINIRD_KERNELS", "1") != "0"
 _HAS_KERNELS = {dev: ENABLED and torch._C._dispatch_has_kernel_for_dispatch_key("minird::swiglu", key)
                 for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 _HAS_DECODE_KERNEL = ENABLED and torch._C._dispatch_has_kernel_for_dispatch_key("minird::decode_steps", "CUDA")
+# One token's steps run in decode_steps up to this width, on the chain of fused ops (cuBLAS GEMVs)
+# above it: the persistent kernel wins where a step is latency-bound (small h: 70 vs 100 us per
+# step at h = 256, both under a CUDA graph) and loses where it is bandwidth-bound (Huginn's h = 5280,
+# csrc/README.md). Read at every call: the benchmarks set it to compare the two.
+DECODE_KERNEL_MAX_WIDTH = int(os.environ.get("MINIRD_DECODE_KERNEL_MAX_WIDTH", "4096"))
 
 
 def kernels_available(device_type):
@@ -93,10 +98,13 @@ def recurrent_steps_cached(s, e_proj, adapter_weight, block_weights, cos, sin, m
                                                    k_cache, v_cache, pos, num_steps, n_head, eps)
 
 
-def decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps):
-    """recurrent_steps_cached for one new token (B = T = 1), in one CUDA kernel launch."""
+def decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps,
+                 pos_on_device=None):
+    """recurrent_steps_cached for one new token (B = T = 1), in one CUDA kernel launch. pos_on_device:
+    a (1,) int64 tensor the kernel reads the position from when it runs (pos is then its bound), so
+    that a CUDA graph can replay one captured launch at every position."""
     return torch.ops.minird.decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache,
-                                         pos, num_steps, n_head, eps)
+                                         pos, num_steps, n_head, eps, pos_on_device)
 
 
 # The tensors of one core block, in the order recurrent_steps takes them (csrc/ops.cpp, BlockWeight).
@@ -292,7 +300,8 @@ if BUILT:
         return torch.empty_like(s)
 
     @torch.library.register_fake("minird::decode_steps")
-    def _(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps):
+    def _(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps,
+          pos_on_device=None):
         _check_steps("decode_steps", s, e_proj, adapter_weight, block_weights, num_steps, n_head, k_cache, v_cache,
                      pos)
         return torch.empty_like(s)
@@ -301,27 +310,29 @@ if BUILT:
 # -----------------------------------------------------------------------------
 # the recurrence on the kernels: RecurrentDepthLM.iterate / core_step, on tensors, same math
 
-def block_weights(core):
-    """The core blocks' tensors (R * 9), block after block, each in BLOCK_TENSORS order."""
-    return [w for b in core for w in (b.norm_1.weight, b.attn.Wqkv.weight, b.attn.qk_bias, b.attn.proj.weight,
+def block_weights(blocks):
+    """The tensors of sandwich blocks (the core, or the prelude or coda), 9 per block, block after
+    block, each in BLOCK_TENSORS order."""
+    return [w for b in blocks for w in (b.norm_1.weight, b.attn.Wqkv.weight, b.attn.qk_bias, b.attn.proj.weight,
                                       b.norm_2.weight, b.norm_3.weight, b.mlp.fc.weight, b.mlp.proj.weight,
                                       b.norm_4.weight)]
 
 
-def core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, kv_cache=None, mask=None):
-    """One differentiable step on the fused ops: adapter, then the R sandwich blocks, with each
-    residual add + norm fused with the following pre-norm (norm_2 with norm_3, norm_4 with the
-    next block's norm_1). Matches RecurrentDepthLM.core_step given e_proj = W_e e and weights =
-    block_weights(model.core)."""
+def sandwich_blocks(x, weights, n_head, eps, cos, sin, kv_cache=None, cache_keys=(), mask=None):
+    """x (B, T, h) through the sandwich blocks whose tensors are weights (block_weights of them), on
+    the fused ops, each residual add + norm fused with the following pre-norm (norm_2 with norm_3,
+    norm_4 with the next block's norm_1); block j writes its keys and values to kv_cache under
+    cache_keys[j]. Matches SandwichBlock.forward, block after block."""
     blocks = [dict(zip(BLOCK_TENSORS, weights[i:i + len(BLOCK_TENSORS)]))
               for i in range(0, len(weights), len(BLOCK_TENSORS))]
-    B, T, h = s.shape
-    s = adapter(s, e_proj, adapter_weight)
+    B, T, h = x.shape
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # a bf16 model may keep fp32 tables; the kernels take one dtype
+    s = x
     x, _ = add_rmsnorm(s, None, blocks[0]["norm_1"], None, eps)
     for j, w in enumerate(blocks):
         q, k, v = qk_bias_rope(F.linear(x, w["Wqkv"]), w["qk_bias"], cos, sin, n_head)
         if kv_cache is not None:
-            k, v = kv_cache.update(("core", step, j), k, v)  # (B, nh, T_past + T, hs)
+            k, v = kv_cache.update(cache_keys[j], k, v)  # (B, nh, T_past + T, hs)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -334,17 +345,30 @@ def core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, k
     return s
 
 
+def core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, kv_cache=None, mask=None):
+    """One differentiable step on the fused ops: the adapter, then the R core blocks. Matches
+    RecurrentDepthLM.core_step given e_proj = W_e e and weights = block_weights(model.core)."""
+    keys = [("core", step, j) for j in range(len(weights) // len(BLOCK_TENSORS))]
+    return sandwich_blocks(adapter(s, e_proj, adapter_weight), weights, n_head, eps, cos, sin, kv_cache, keys, mask)
+
+
 def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_cache=None, mask=None,
             keep_states=False):
     """RecurrentDepthLM.iterate on the kernels, from the state s (B, T, h). The steps without
     gradient run in one C++ call; the steps with gradient go through core_step's differentiable ops."""
     n_no_grad, n_grad = num_steps
     h = e.size(-1)
+    s = s.contiguous()  # the C++ steps take contiguous states; an s0 may be a slice (continuous_compute's s[:, -1:])
     cos, sin = cos.to(s.dtype), sin.to(s.dtype)  # a bf16 model may keep fp32 tables; the kernels take one dtype
     e_proj = F.linear(e, adapter_weight[:, h:])  # W_e e: once per forward, reused by every step
     if n_no_grad > 0:
         with torch.no_grad():
-            s = _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, n_no_grad, kv_cache)
+            if kv_cache is not None and kv_cache.position_on_device:
+                s = _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask,
+                                              n_no_grad, kv_cache)
+            else:
+                s = _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, n_no_grad,
+                                  kv_cache)
     states = []
     for step in range(n_no_grad, n_no_grad + n_grad):
         s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, kv_cache, mask)
@@ -352,19 +376,42 @@ def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_
     return states if keep_states else s
 
 
+def _cache_buffers(kv_cache, s, num_steps, n_weights, n_head):
+    """The (step, core block) key and value buffers of kv_cache for num_steps steps, in the order the
+    ops take them (step after step, block after block)."""
+    B, T, h = s.shape
+    keys = [("core", step, j) for step in range(num_steps) for j in range(n_weights // len(BLOCK_TENSORS))]
+    pairs = [kv_cache.buffers(key, B, n_head, h // n_head, s.dtype, s.device) for key in keys]
+    return [k for k, _ in pairs], [v for _, v in pairs]
+
+
+def _use_decode_kernel(s):
+    return s.device.type == "cuda" and _HAS_DECODE_KERNEL and s.size(-1) <= DECODE_KERNEL_MAX_WIDTH
+
+
 def _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, kv_cache):
     """Steps 0 .. num_steps - 1 in one C++ call, writing kv_cache in place; one new token on CUDA
     (decode) runs in the persistent decode_steps kernel."""
-    R = len(weights) // len(BLOCK_TENSORS)
     if kv_cache is None:
         return recurrent_steps(s, e_proj, adapter_weight, weights, cos, sin, mask, num_steps, n_head, eps)
     B, T, h = s.shape
-    k_cache, v_cache = [], []
-    for key in [("core", step, j) for step in range(num_steps) for j in range(R)]:
-        k, v = kv_cache.buffers(key, B, n_head, h // n_head, s.dtype, s.device)
-        k_cache.append(k)
-        v_cache.append(v)
+    k_cache, v_cache = _cache_buffers(kv_cache, s, num_steps, len(weights), n_head)
     args = (k_cache, v_cache, kv_cache.seq_len, num_steps, n_head, eps)
-    if B == 1 and T == 1 and s.device.type == "cuda" and _HAS_DECODE_KERNEL:  # one token sees every cached one
+    if B == 1 and T == 1 and _use_decode_kernel(s):  # one token sees every cached one
         return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, *args)
     return recurrent_steps_cached(s, e_proj, adapter_weight, weights, cos, sin, mask, *args)
+
+
+def _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, view):
+    """The steps of one new token per row whose position is a device tensor (a kv_cache.DecodeView),
+    with no host value in any kernel argument: what a CUDA graph captures once and replays at every
+    position. One row on CUDA: decode_steps reading the position from view.pos; otherwise core_step
+    per step (Python runs only while the graph is captured)."""
+    B, T, h = s.shape
+    if B == 1 and T == 1 and _use_decode_kernel(s) and view.cache.tokens is None:
+        k_cache, v_cache = _cache_buffers(view, s, num_steps, len(weights), n_head)
+        return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, view.cache.max_len - 1,
+                            num_steps, n_head, eps, view.pos)
+    for step in range(num_steps):
+        s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, view, mask)
+    return s

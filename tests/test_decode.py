@@ -7,7 +7,8 @@ Checked: the final state and the keys/values written into the cache at pos (rela
 ||out - ref|| / ||ref||: <= 1e-5 in fp32, <= 2e-2 in bf16) over h = 64, 96, 256, 1024 (heads of
 16, 24, 48, 64), R = 1, 4, num_steps = 1, 3, pos = 0, 5, 127, with one buffer per (step, block)
 and with shared ones (compress-sN: N = R, and N = 1); the rest of every cache buffer untouched;
-more steps than one launch takes; the same bits for any grid size and from a CUDA graph replay;
+more steps than one launch takes; the same bits for any grid size, from a CUDA graph replay, and with the
+position read from the device (one captured launch replayed at several positions);
 torch.library.opcheck; bad input fails with a message naming the argument. On failure each
 assertion prints, per tensor, the relative error and the largest absolute difference.
 """
@@ -271,11 +272,53 @@ def test_cuda_graph_capture_and_replay():
     assert torch.equal(out_static, expected), describe("s (replay, new input)", out_static, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_position_read_from_the_device(dtype):
+    """pos_on_device: ONE launch captured in a CUDA graph with pos = L - 1 as the bound, replayed with
+    the position tensor set to 0, 5 and 127, gives at each the bits of the eager call at that
+    position (state and caches): what minird.graphed replays for every token."""
+    R, num_steps, h, n_head = 4, 3, 256, 4
+    pos_t = torch.zeros(1, dtype=torch.long, device="cuda")
+    W, blocks, cos_table, sin_table = core_weights(h, n_head, R, dtype)
+    cases = {pos: Case(h, n_head, R, num_steps, pos, dtype, slots=R, seed=0) for pos in (0, 5, 127)}
+    first = cases[0]
+    s_static = first.s.clone()
+    k = [b.clone() for b in first.k0]
+    v = [b.clone() for b in first.v0]
+    cos, sin = cos_table.index_select(0, pos_t), sin_table.index_select(0, pos_t)
+
+    def call():
+        cos.copy_(cos_table.index_select(0, pos_t))
+        sin.copy_(sin_table.index_select(0, pos_t))
+        return torch.ops.minird.decode_steps(s_static, first.e_proj, W, blocks, cos, sin, [k[i] for i in first.slot_of],
+                                             [v[i] for i in first.slot_of], L - 1, num_steps, n_head, EPS, pos_t)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = call()
+    for pos, case in cases.items():
+        pos_t.fill_(pos)
+        for b, b0 in zip(k + v, case.k0 + case.v0):  # this position's caches (1000 from pos on)
+            b.copy_(b0)
+        graph.replay()
+        expected, k_ref, v_ref = case.run(torch.ops.minird.decode_steps)
+        torch.cuda.synchronize()
+        assert torch.equal(out_static, expected), describe(f"s at pos {pos}", out_static, expected)
+        assert all(torch.equal(a, b) for a, b in zip(k + v, k_ref + v_ref)), f"pos {pos}: the caches differ"
+
+
 def test_opcheck():
     case = Case(96, 4, 2, 2, 5, torch.float32)
     k = [b.clone() for b in case.k0]
     v = [b.clone() for b in case.v0]
     torch.library.opcheck(torch.ops.minird.decode_steps, case.args(k, v))
+    torch.library.opcheck(torch.ops.minird.decode_steps,
+                          case.args(k, v) + (torch.tensor([case.pos], device="cuda"),))
 
 
 def test_bad_input():
@@ -300,6 +343,9 @@ def test_bad_input():
         (dict(v_cache=[good["v_cache"][0], r(1, nh, L, hs + 2)]), "v_cache[1] must have shape [1, 4, 8, 24]"),
         (dict(pos=L), "pos=8 must lie in the caches' length L = 8"),
         (dict(n_head=5), "n_head=5 must divide h=96"),
+        (dict(pos_on_device=torch.tensor([5], device="cuda", dtype=torch.int32)),
+         "pos_on_device must be a (1,) int64 tensor"),
+        (dict(pos_on_device=torch.tensor([5])), "pos_on_device must be a (1,) int64 tensor on cuda:0"),
     ]
     for change, message in cases:
         with pytest.raises(RuntimeError) as info:

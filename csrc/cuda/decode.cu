@@ -99,7 +99,7 @@ constexpr int kMaxEntries = 96;     // (step, block) KV-cache entries that one l
 inline void check_decode_steps_args(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
                                     at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
                                     at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
-                                    int64_t n_head) {
+                                    int64_t n_head, const std::optional<at::Tensor>& pos_on_device) {
   const char* op = "decode_steps";
   TORCH_CHECK(s.is_cuda(), op, ": s must be a CUDA tensor, got ", s.device());
   TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, op,
@@ -149,6 +149,12 @@ inline void check_decode_steps_args(const at::Tensor& s, const at::Tensor& e_pro
   TORCH_CHECK(k_cache[0].dim() == 4, op, ": k_cache[0] must have shape (1, nh, L, hs), got ", k_cache[0].sizes());
   const int64_t L = k_cache[0].size(2);  // one length for all entries, as recurrent_steps
   TORCH_CHECK(pos >= 0 && pos < L, op, ": pos=", pos, " must lie in the caches' length L = ", L);
+  if (pos_on_device) {
+    const at::Tensor& t = *pos_on_device;
+    TORCH_CHECK(t.device() == s.device() && t.scalar_type() == at::kLong && t.numel() == 1 && t.is_contiguous(),
+                op, ": pos_on_device must be a (1,) int64 tensor on ", s.device(), ", got ", t.scalar_type(), " ",
+                t.sizes(), " on ", t.device());
+  }
   for (size_t i = 0; i < k_cache.size(); i++) {
     for (const auto& [t, list] : {std::pair{k_cache[i], "k_cache"}, std::pair{v_cache[i], "v_cache"}}) {
       const std::string name = std::string(list) + "[" + std::to_string(i) + "]";
@@ -340,7 +346,8 @@ struct DecodeParams {
   float* y_heads;    // (nh, h) phase C's attn.proj output, one partial sum per head
   float* u;          // (I) phase D's silu(gate) * up
   float* y_mlp;      // (h) phase E's mlp.proj output
-  int h, I, n_head, hs, R, num_steps, pos, L;
+  int h, I, n_head, hs, R, num_steps, pos, L;  // pos: the position, or its bound when pos_on_device is set
+  const int64_t* pos_on_device;  // (1) the position, read when the kernel starts; nullptr: pos
   int attn_chunks;  // phase C splits attn.proj's h rows into this many slices per head
   int norms_in_smem;  // the 4R norm weights fit in shared memory: copied there once, at the start
   float eps, attn_scale;
@@ -365,7 +372,10 @@ __host__ __device__ inline int norm_slot(int which) {  // BlockWeight index -> s
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_constant__ DecodeParams<scalar_t> p) {
   cg::grid_group grid = cg::this_grid();
-  const int h = p.h, I = p.I, hs = p.hs, nh = p.n_head, pos = p.pos, L = p.L;
+  const int h = p.h, I = p.I, hs = p.hs, nh = p.n_head, L = p.L;
+  // Shared memory is laid out for p.pos; a position read from the device is kept within it, so a
+  // wrong value cannot write outside the cache (the caller checks that tokens fit before replaying).
+  const int pos = p.pos_on_device ? min(max((int)*p.pos_on_device, 0), p.pos) : p.pos;
   const float eps = p.eps;
   extern __shared__ float4 smem4[];
   __shared__ float red[32];  // block reductions
@@ -375,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
   float* att = q + round4(hs);                          // (hs) phase C: this head's attention output
   float* part = att + round4(hs);                       // (max(2 kThreads, hs)) phase C: partial sums of P V
   float* prob = part + round4(max(2 * kThreads, hs));  // (pos + 1) phase C: scores, then probabilities
-  float* norms = prob + round4(pos + 1);                // (R, 4, h) the norm weights, if p.norms_in_smem
+  float* norms = prob + round4(p.pos + 1);              // (R, 4, h) the norm weights, if p.norms_in_smem
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gwarp = blockIdx.x * kWarps + warp, n_gwarps = gridDim.x * kWarps;  // warps of the grid
 
@@ -569,7 +579,8 @@ template <typename scalar_t>
 void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
                          at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
                          at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
-                         int64_t n_head, double eps, at::Tensor& out) {
+                         int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device,
+                         at::Tensor& out) {
   const int h = (int)s.size(2), nh = (int)n_head, hs = h / nh, R = (int)(block_weights.size() / bw::COUNT);
   const int I = (int)block_weights[bw::FC].size(0) / 2, L = (int)k_cache[0].size(2);
   const int device = s.get_device();
@@ -590,6 +601,7 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
     for (int k = 0; k < bw::COUNT; k++) p.w[j][k] = block_weights[j * bw::COUNT + k].data_ptr<scalar_t>();
   }
   p.h = h, p.I = I, p.n_head = nh, p.hs = hs, p.R = R, p.pos = (int)pos, p.L = L;
+  p.pos_on_device = pos_on_device ? pos_on_device->data_ptr<int64_t>() : nullptr;
   p.eps = (float)eps;
   p.attn_scale = 1.f / std::sqrt((float)hs);
 
@@ -650,18 +662,18 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
 at::Tensor decode_steps_cuda(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
                              at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
                              at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
-                             int64_t n_head, double eps) {
+                             int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device) {
   check_decode_steps_args(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
-                          n_head);
+                          n_head, pos_on_device);
   const c10::cuda::OptionalCUDAGuard guard(s.device());
   at::Tensor out = at::empty_like(s);
   if (num_steps == 0) return out.copy_(s);
   if (s.scalar_type() == at::kFloat) {
     launch_decode_steps<float>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
-                               n_head, eps, out);
+                               n_head, eps, pos_on_device, out);
   } else {
     launch_decode_steps<at::BFloat16>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos,
-                                      num_steps, n_head, eps, out);
+                                      num_steps, n_head, eps, pos_on_device, out);
   }
   return out;
 }
