@@ -15,11 +15,14 @@ loop) -> the self-speculative loop. The policies keep the official code's option
 """
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch.nn import functional as F
 
+from minird import ops
+from minird.graphed import TokenGraph
 from minird.kv_cache import KVCache, parse_lookup_strategy
 
 # -----------------------------------------------------------------------------
@@ -170,6 +173,22 @@ class GenerationConfig:
     draft_steps: int = None
     lookahead_for_draft: int = 8
     init_scale: float = None  # each token's random s0 scale (None: the model's; 0: zeros), as the official generate
+    # The whole token in one CUDA graph replay (minird.graphed): "auto" on CUDA where the options
+    # allow it (greedy at a fixed r: temperature 0, criterion none, no draft_steps, no diffusion
+    # forcing); True: required (on the CPU the same static-position step runs uncaptured); False: never.
+    cuda_graph: object = "auto"
+    # Diffusion forcing (the official generate_diffusion_style, batch 1): a wavefront of up to
+    # max_wavefront positions after the frozen tokens is iterated in parallel, inner_recurrence
+    # steps a round; each round every position guesses its token, and the tokens up to the last
+    # position whose state moved less than freeze_threshold (|s - s_prev| / |s|) are frozen.
+    diffusion_forcing: bool = False
+    inner_recurrence: int = 4
+    max_wavefront: int = 128
+    headway: int = 1  # new positions the wave grows by each round
+    ema_embeds: float = 0.1  # a position's injected input: this much of last round's, the rest new
+    state_noise_mixing: float = 0.5  # fresh noise mixed into each state, divided by 1 + its steps so far
+    freeze_threshold: float = 0.03
+    max_diffusion_steps: int = 4096  # rounds after which the wave ends, frozen or not (the official name)
 
     def validated(self, model):
         """A copy with num_steps resolved and stop_tokens a tuple, or ValueError naming the option."""
@@ -194,6 +213,23 @@ class GenerationConfig:
         if not isinstance(self.min_steps, int) or not 1 <= self.min_steps <= num_steps:
             raise ValueError(f"min_steps must be an integer from 1 to num_steps = {num_steps}, got {self.min_steps!r}")
         slots = parse_lookup_strategy(self.cache_lookup_strategy)
+        if self.cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph is True and not self.graphable:
+            raise ValueError("cuda_graph=True needs greedy decoding at a fixed r: temperature=0, criterion='none', "
+                             "no draft_steps, no diffusion_forcing")
+        if self.diffusion_forcing:
+            for name in ("inner_recurrence", "max_wavefront", "headway", "max_diffusion_steps"):
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+            for name in ("ema_embeds", "state_noise_mixing"):
+                if not 0 <= getattr(self, name) <= 1:
+                    raise ValueError(f"{name} must be a number from 0 to 1, got {getattr(self, name)!r}")
+            if not self.freeze_threshold >= 0:
+                raise ValueError(f"freeze_threshold must be a number >= 0, got {self.freeze_threshold!r}")
+            if self.temperature != 0 or self.criterion != "none" or self.draft_steps is not None:
+                raise ValueError("diffusion_forcing is greedy and freezes tokens by its own rule: it takes no "
+                                 "temperature, criterion or draft_steps")
         if self.draft_steps is not None:
             if not isinstance(self.draft_steps, int) or not 1 <= self.draft_steps <= num_steps:
                 raise ValueError(f"draft_steps must be an integer from 1 to num_steps = {num_steps} "
@@ -214,6 +250,12 @@ class GenerationConfig:
                                  "num_steps): with shared slots, tokens verified in one forward read each other's "
                                  "keys from other steps than when decoded one by one")
         return replace(self, num_steps=num_steps, stop_tokens=stop_tokens)
+
+    @property
+    def graphable(self):
+        """Can one token be a CUDA graph replay: greedy, at a fixed r, one token a forward."""
+        return (self.temperature == 0 and self.criterion == "none" and self.draft_steps is None
+                and not self.diffusion_forcing)
 
 
 @dataclass
@@ -259,9 +301,17 @@ def generate(model, idx, max_new_tokens, config=None, attention_mask=None, **opt
     if idx.size(1) > model.config.block_size:
         raise ValueError(f"a prompt of {idx.size(1)} tokens exceeds block_size {model.config.block_size}")
     length = min(idx.size(1) + max_new_tokens, model.config.block_size)
-    kv_cache = KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block)
-    decode = decode_speculatively if config.draft_steps is not None else decode_plainly
-    ids, steps, stats = decode(model, idx, length, kv_cache, config, attention_mask)
+    if config.diffusion_forcing:
+        if idx.size(0) != 1:
+            raise ValueError(f"diffusion_forcing takes one prompt (batch 1, as the official code), got {idx.size(0)}")
+        decode = decode_diffusion
+    elif config.draft_steps is not None:
+        decode = decode_speculatively
+    elif config.cuda_graph is True or (config.cuda_graph == "auto" and config.graphable and idx.is_cuda):
+        decode = decode_graphed
+    else:
+        decode = decode_plainly
+    ids, steps, stats, kv_cache = decode(model, idx, length, config, attention_mask)
     ids = torch.cat([pad_columns, ids], dim=1)
     steps = torch.cat([torch.zeros_like(pad_columns), steps], dim=1)[:, :ids.size(1) - 1]
     return Generation(ids, steps, stats, kv_cache.allocated_bytes())
@@ -294,25 +344,34 @@ def choose(logits, config):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
-def stopped_rows(done, new_ids, stop_tokens):
-    """(B,) bool: rows done before, or with a stop token among new_ids (B, n)."""
+def until_all_stopped(new_ids, done, stop_tokens):
+    """new_ids (B, n) written after rows done (B,) bool -> (new_ids cut after the token where the
+    last row writes a stop token (all of them while some row has not), the rows done after them)."""
     if not stop_tokens:
-        return done
-    return done | torch.isin(new_ids, torch.tensor(stop_tokens, device=new_ids.device)).any(dim=1)
+        return new_ids, done
+    is_stop = torch.isin(new_ids, torch.tensor(stop_tokens, device=new_ids.device))
+    stopped = done[:, None] | (is_stop.cumsum(dim=1) > 0)  # (B, n)
+    if stopped.all(dim=0).any():
+        new_ids = new_ids[:, :int(stopped.all(dim=0).int().argmax()) + 1]
+    return new_ids, stopped[:, new_ids.size(1) - 1]
 
 
-def decode_plainly(model, idx, length, kv_cache, config, attention_mask):
-    """One token per forward until length tokens, or every row has stopped. Returns (ids, steps, stats)."""
-    stats = DraftStats(forwards=1)
+def new_cache(model, length, config):
+    return KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block)
+
+
+def decode_plainly(model, idx, length, config, attention_mask):
+    """One token per forward until length tokens, or every row has stopped. Returns (ids, steps,
+    stats, kv_cache). The reference loop: decode_graphed and decode_speculatively write its tokens."""
+    kv_cache, stats = new_cache(model, length, config), DraftStats(forwards=1)
     logits, steps, s = feed(model, idx, kv_cache, config.num_steps, config.criterion, config.exit_threshold,
                             config.min_steps, attention_mask=attention_mask, init_scale=config.init_scale)  # the prompt
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     while True:
-        next_id = choose(logits[:, -1], config)  # (B, 1)
+        next_id, done = until_all_stopped(choose(logits[:, -1], config), done, config.stop_tokens)  # (B, 1)
         idx = torch.cat([idx, next_id], dim=1)
-        done = stopped_rows(done, next_id, config.stop_tokens)
         if done.all() or idx.size(1) >= length:
-            return idx, steps, stats  # no forward for logits that would not be used
+            return idx, steps, stats, kv_cache  # no forward for logits that would not be used
         s0 = s[:, -1:] if config.continuous_compute else None
         logits, used, s = feed(model, next_id, kv_cache, config.num_steps, config.criterion, config.exit_threshold,
                                config.min_steps, s0, init_scale=config.init_scale)
@@ -320,26 +379,21 @@ def decode_plainly(model, idx, length, kv_cache, config, attention_mask):
         stats.forwards += 1
 
 
-def decode_speculatively(model, idx, length, kv_cache, config, attention_mask):
+def decode_speculatively(model, idx, length, config, attention_mask):
     """decode_plainly's output (greedy), from rounds of: draft lookahead_for_draft tokens one at a
     time at draft_steps, then feed the last token and the drafts in one forward at num_steps (the
     verify) and keep the drafts up to the first the verifier would not have picked, then the token
     it picks there. tests/test_generate.py checks the two decoders write the same tokens."""
-    stats = DraftStats(forwards=1)
+    kv_cache, stats = new_cache(model, length, config), DraftStats(forwards=1)
     logits, steps, _ = feed(model, idx, kv_cache, config.num_steps, attention_mask=attention_mask,
                             init_scale=config.init_scale)
     new_ids = choose(logits[:, -1], config)  # (B, 1); later rounds add up to lookahead + 1 tokens
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     while True:
-        if config.stop_tokens:  # cut after the token where the last row has stopped
-            is_stop = torch.isin(new_ids, torch.tensor(config.stop_tokens, device=new_ids.device))
-            stopped = done[:, None] | (is_stop.cumsum(dim=1) > 0)  # (B, n)
-            if stopped.all(dim=0).any():
-                new_ids = new_ids[:, :int(stopped.all(dim=0).int().argmax()) + 1]
-            done = stopped[:, new_ids.size(1) - 1]
+        new_ids, done = until_all_stopped(new_ids, done, config.stop_tokens)
         idx = torch.cat([idx, new_ids], dim=1)
         if done.all() or idx.size(1) >= length:
-            return idx, steps, stats
+            return idx, steps, stats, kv_cache
         # as many drafts as can still be kept: the verifier's next token comes on top
         lookahead = min(config.lookahead_for_draft, length - 1 - idx.size(1))
         start, last_id, drafted = kv_cache.seq_len, idx[:, -1:], [idx[:, :0]]
@@ -361,3 +415,122 @@ def decode_speculatively(model, idx, length, kv_cache, config, attention_mask):
         stats.rounds += lookahead > 0
         stats.drafted += lookahead
         stats.accepted += n
+
+
+# -----------------------------------------------------------------------------
+# the whole token as one CUDA graph replay (minird.graphed)
+
+# generate keeps, per model, the graph of the last shape it decoded, with its KV cache: the next
+# call of the same shape (batch, r, cache bucket, options) replays it instead of capturing again.
+GRAPHS = weakref.WeakKeyDictionary()
+CACHE_BUCKET = 64  # a graph's cache length is prompt + new tokens rounded up to this: shapes repeat
+READ_BACK_EVERY = 8  # tokens replayed between looks at the output for stop tokens (a host sync each)
+
+
+def decode_graphed(model, idx, length, config, attention_mask):
+    """decode_plainly's tokens (greedy, fixed r), each token after the first one CUDA graph replay
+    (on the CPU: the same static-position step, uncaptured). The prompt's forward runs as usual.
+    With stop tokens the output is read back every READ_BACK_EVERY tokens, so up to that many
+    more tokens are computed than kept. Returns (ids, steps, stats, kv_cache)."""
+    B, T = idx.shape
+    bucket = min(model.config.block_size, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
+    shape = (B, bucket, config.num_steps, attention_mask is not None, config.continuous_compute,
+             config.cache_lookup_strategy, config.init_scale, model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
+             tuple(p.data_ptr() for p in model.parameters()))  # new weight tensors need a new graph
+    kept = GRAPHS.pop(model, None)  # (dropped first when the shape changed: its cache's memory is freed)
+    if kept is not None and kept[0] == shape:
+        graph = kept[1]
+        graph.kv_cache.reset()
+    else:
+        del kept
+        graph = TokenGraph(model, new_cache(model, bucket, config), B, config.num_steps, config.continuous_compute,
+                           config.init_scale)
+    logits, steps, s = feed(model, idx, graph.kv_cache, config.num_steps, attention_mask=attention_mask,
+                            init_scale=config.init_scale)  # the prompt
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    new_ids, done = until_all_stopped(choose(logits[:, -1], config), done, config.stop_tokens)  # (B, 1)
+    graph.start(new_ids, T, s[:, -1:])
+    while not done.all() and T + new_ids.size(1) < length:
+        n = length - T - new_ids.size(1)
+        more, done = until_all_stopped(graph.run(min(n, READ_BACK_EVERY) if config.stop_tokens else n), done,
+                                       config.stop_tokens)
+        new_ids = torch.cat([new_ids, more], dim=1)
+    GRAPHS[model] = (shape, graph)
+    fed = torch.full((B, new_ids.size(1) - 1), config.num_steps, dtype=steps.dtype, device=steps.device)
+    stats = DraftStats(forwards=new_ids.size(1))
+    return torch.cat([idx, new_ids], dim=1), torch.cat([steps, fed], dim=1), stats, graph.kv_cache
+
+
+# -----------------------------------------------------------------------------
+# diffusion forcing: a wavefront of positions iterated in parallel
+
+
+def decode_diffusion(model, idx, length, config, attention_mask):
+    """The official generate_diffusion_style with its latent-diff freezing, batch 1. After the
+    prompt's forward, positions from the last frozen token on form a wave: each round embeds the
+    wave's current tokens (mixing in ema_embeds of last round's input), mixes noise into its states,
+    runs inner_recurrence steps on all of them in one forward, and reads out a guess for every
+    position after it. The wave then grows by headway fresh positions (up to max_wavefront), and
+    every token up to the last position whose state moved less than freeze_threshold since the
+    last round is frozen: its keys and values stay in the cache, and the wave restarts at the last
+    frozen token. Where a token needs r steps to settle, tokens still settle one by one, but each
+    round moves the whole wave, so the r steps of consecutive tokens overlap. Ends, as the official
+    code, after max_diffusion_steps rounds even if fewer tokens were frozen. One difference: a
+    state is compared with its own position's last round; the official code, after a round that
+    froze n tokens, compares position p with last round's p + n (its saved states start at the
+    last frozen token, but are indexed from the round's first position).
+    Returns (ids, steps, stats, kv_cache); steps: the official count of core steps per position
+    (the prompt and the first new token count num_steps from the prompt's forward)."""
+    c, T = config, idx.size(1)
+    kv_cache = new_cache(model, min(model.config.block_size, length + c.max_wavefront + c.headway), c)
+    logits, _, s = feed(model, idx, kv_cache, c.num_steps, init_scale=c.init_scale)  # the prompt
+    frozen = torch.cat([idx, logits[:, -1:].argmax(dim=-1)], dim=1)  # (1, n): the prompt, then frozen tokens
+    steps = torch.zeros(1, kv_cache.max_len, dtype=torch.long, device=idx.device)
+    steps[:, :T + 1] = c.num_steps
+    sequence = frozen  # the frozen tokens, then the wave's guesses
+    states = model.initialize_state(s[:, -1:], c.init_scale)  # the wave's states, from the last frozen token on
+    previous, previous_start = states, kv_cache.seq_len  # last round's states, and the position of the first
+    previous_e = previous_e_start = None  # last round's injected input, and its first position
+    stats = DraftStats(forwards=1)
+    stop_tokens = torch.tensor(c.stop_tokens, dtype=torch.long, device=idx.device)
+    while (frozen.size(1) < length and stats.forwards <= c.max_diffusion_steps
+           and not torch.isin(frozen[0, T:], stop_tokens).any()):
+        start = kv_cache.seq_len  # the wave holds positions start .. start + W - 1; the cache, those before
+        wave = sequence[:, start:]
+        cos, sin, mask = model.positions(wave, kv_cache)
+        e = model.embed(wave, cos, sin, kv_cache, mask)  # (1, W, h)
+        if c.ema_embeds > 0 and previous_e is not None:  # as the official: new positions get (1 - ema) of theirs
+            matching = previous_e[:, start - previous_e_start:]
+            e = e * (1 - c.ema_embeds)
+            e[:, :matching.size(1)] += c.ema_embeds * matching
+        previous_e, previous_e_start = e, start
+        noise = (c.state_noise_mixing / (1 + steps[:, start:start + wave.size(1)]))[..., None].to(states.dtype)
+        states = states * (1 - noise) + noise * model.initialize_state(states, c.init_scale)
+        states = model.iterate(e, (c.inner_recurrence, 0), cos, sin, kv_cache, mask, s0=states)
+        steps[:, start:start + wave.size(1)] += c.inner_recurrence
+        guesses = model.readout(states, cos, sin, kv_cache, mask)[:, frozen.size(1) - 1 - start:].argmax(dim=-1)
+        stats.forwards += 1
+        # the wave grows by headway positions (random tokens after the first guess), up to
+        # max_wavefront and the cache's end
+        extra = torch.randint(0, model.config.vocab_size, (1, c.headway - 1), device=idx.device)
+        sequence = torch.cat([frozen, guesses, extra], dim=1)
+        fresh = model.initialize_state(states.new_empty(1, c.headway, states.size(-1)), c.init_scale)
+        states = torch.cat([states, fresh], dim=1)
+        width = min(c.max_wavefront, kv_cache.max_len - start)
+        states, sequence = states[:, :width], sequence[:, :start + width]
+        # freeze up to the last position whose state has settled since the last round
+        before = previous[:, start - previous_start:]
+        now = states[:, :before.size(1)]
+        settled = ((now - before).norm(dim=-1) / now.norm(dim=-1).clamp_min(1e-12) < c.freeze_threshold)[0]
+        if settled.any():
+            k = start + int(settled.nonzero()[-1]) + 1  # positions < k are frozen
+            frozen = sequence[:, :k]
+            states = states[:, k - 1 - start:]
+            kv_cache.seq_len = k - 1  # the wave restarts at the last frozen token, k - 1
+        previous, previous_start = states, kv_cache.seq_len
+    if c.stop_tokens:
+        frozen, _ = until_all_stopped(frozen[:, T:], torch.zeros(1, dtype=torch.bool, device=idx.device),
+                                      c.stop_tokens)
+        frozen = torch.cat([idx, frozen], dim=1)
+    frozen = frozen[:, :length]
+    return frozen, steps[:, :frozen.size(1) - 1], stats, kv_cache

@@ -325,3 +325,75 @@ def test_init_scale_option_is_the_models_setting(tiny_config):
     assert torch.equal(zero.ids, generate(model, prompt, 6, num_steps=3, criterion="kl").ids)
     with pytest.raises(ValueError, match="init_scale must be None or a number >= 0"):
         generate(model, prompt, 2, init_scale=-1.0)
+
+
+# -----------------------------------------------------------------------------
+# diffusion forcing
+
+
+def state_blind(model):
+    """The model with the adapter's state half zeroed: every step then computes the same function
+    of the injected input, so a state has settled after its first step and diffusion forcing must
+    write plain greedy decoding's tokens (each token frozen once its position was seen twice)."""
+    with torch.no_grad():
+        model.adapter.weight[:, :model.config.n_embd] = 0
+    return model
+
+
+@pytest.mark.parametrize("device,use_kernels", BACKENDS)
+@pytest.mark.parametrize("options", [dict(), dict(max_wavefront=2, inner_recurrence=1),
+                                     dict(cache_lookup_strategy="compress-s2", state_noise_mixing=0.0)],
+                         ids=["defaults", "narrow wave", "compress-s2"])
+def test_diffusion_forcing_on_settled_states_is_greedy(tiny_config, device, use_kernels, options):
+    """With states that settle at once, the wave's rounds, cache roll-backs and freezing give the
+    greedy tokens, to the end of the context (ema_embeds=0: the official mix scales a new position's
+    input by 1 - ema_embeds, which a state-blind model would see; headway 1: the random tokens of a
+    longer headway are frozen where a later guess happens to repeat one, 1 in 16 in this vocabulary)."""
+    model = state_blind(make_model(tiny_config, use_kernels=use_kernels)).eval().to(device)
+    torch.manual_seed(5)
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 5), device=device)
+    for new_tokens in (1, 12, 100):
+        greedy = generate(model, prompt, new_tokens, num_steps=4, init_scale=0.0).ids
+        out = generate(model, prompt, new_tokens, num_steps=4, diffusion_forcing=True, ema_embeds=0.0, **options)
+        assert torch.equal(out.ids, greedy)
+        assert out.steps.shape == (1, out.ids.size(1) - 1) and (out.steps[0, :5] == 4).all()
+        assert (out.stats.forwards > 1) == (new_tokens > 1)  # the first token comes from the prompt's forward
+
+
+def test_diffusion_forcing_runs_its_rounds(tiny_config):
+    """On a model whose states move: a round per forward, every new position after the first at
+    least one round of inner_recurrence steps, stop tokens end it, the same seed the same tokens."""
+    model = make_model(tiny_config).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 5))
+    torch.manual_seed(6)
+    out = generate(model, prompt, 10, num_steps=4, diffusion_forcing=True, inner_recurrence=2)
+    torch.manual_seed(6)
+    assert torch.equal(generate(model, prompt, 10, num_steps=4, diffusion_forcing=True, inner_recurrence=2).ids,
+                       out.ids)
+    assert out.ids.shape == (1, 15) and torch.equal(out.ids[:, :5], prompt)
+    assert (out.steps[0, 6:] >= 2).all() and (out.steps[0, 6:] % 2 == 0).all()
+    stop = int(out.ids[0, 8])
+    torch.manual_seed(6)
+    wide = generate(model, prompt, 10, num_steps=4, diffusion_forcing=True, headway=3, max_wavefront=5)
+    assert wide.ids.shape == (1, 15) and torch.equal(wide.ids[:, :5], prompt)
+    torch.manual_seed(6)
+    stopped = generate(model, prompt, 10, num_steps=4, diffusion_forcing=True, inner_recurrence=2, stop_tokens=stop)
+    first = 5 + out.ids[0, 5:].tolist().index(stop)
+    assert torch.equal(stopped.ids, out.ids[:, :first + 1])
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(inner_recurrence=0), "inner_recurrence must be an integer >= 1"),
+    (dict(max_wavefront=1.5), "max_wavefront must be an integer >= 1"),
+    (dict(ema_embeds=2.0), "ema_embeds must be a number from 0 to 1"),
+    (dict(freeze_threshold=-1), "freeze_threshold must be a number >= 0"),
+    (dict(temperature=0.5), "diffusion_forcing is greedy"),
+    (dict(draft_steps=2), "diffusion_forcing is greedy"),
+])
+def test_diffusion_forcing_bad_options(tiny_config, kwargs, fragment):
+    model = make_model(tiny_config).eval()
+    with pytest.raises(ValueError) as err:
+        generate(model, torch.zeros(1, 4, dtype=torch.long), 3, num_steps=4, diffusion_forcing=True, **kwargs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="diffusion_forcing takes one prompt"):
+        generate(model, torch.zeros(2, 4, dtype=torch.long), 3, num_steps=4, diffusion_forcing=True)

@@ -7,7 +7,7 @@ from helpers import ROOT
 # low to high; a module may import minird modules of strictly lower layers only
 LAYERS = [
     {"ops", "kv_cache", "data", "cli"},
-    {"model"},
+    {"model", "graphed"},
     {"generate", "checkpoint", "pretrained", "diagnose"},
     {"evaluate", "tokenizer"},
     {"train"},
