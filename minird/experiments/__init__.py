@@ -12,6 +12,8 @@ Test-time compute experiments on the checkpoint that train_tiny.py writes (docs/
                                              # vs compress-sN (N slots shared by the steps), at fixed r
     python -m minird.experiments speculative # self-speculative decoding: acceptance rate and tokens/s
                                              # against plain greedy decoding, same output
+    python -m minird.experiments diffusion   # diffusion forcing against plain greedy decoding: tokens/s
+                                             # and how many of its tokens are greedy's
     python -m minird.experiments depth --ckpt out-tiny/ckpt.pt --steps 1,4,16 --lines 128
 
 Each prints a table and saves NAME.json (and NAME.png with matplotlib) next to the checkpoint.

@@ -13,7 +13,7 @@ from minird.cli import Parser, positive_int, positive_ints
 from minird.evaluate import held_out_sets, pyplot
 from minird.generate import EXIT_THRESHOLDS
 
-EXPERIMENTS = ["adaptive", "depth", "ccot", "latent", "baselines", "kvshare", "speculative"]
+EXPERIMENTS = ["adaptive", "depth", "ccot", "latent", "baselines", "kvshare", "speculative", "diffusion"]
 
 
 def main(argv=None):
@@ -43,9 +43,11 @@ def main(argv=None):
     parser.add_argument("--lookahead_for_draft", type=positive_ints, default=[4],
                         help="tokens drafted per round (speculative)")
     parser.add_argument("--spec_lines", type=positive_int, default=16,
-                        help="prompts, one per held-out line (speculative)")
+                        help="prompts, one per held-out line (speculative, diffusion)")
     parser.add_argument("--new_tokens", type=positive_int, default=48,
-                        help="tokens written after each prompt, fewer where the context ends (speculative)")
+                        help="tokens written after each prompt, fewer where the context ends (speculative, diffusion)")
+    parser.add_argument("--inner_recurrence", type=positive_ints, default=[4, 8, 16],
+                        help="steps a round of the wave (diffusion)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     args = parser.parse_args(argv)
     if args.threads < 0:
