@@ -3,7 +3,8 @@ Time one recurrent step (adapter + R core blocks) five ways, on every device her
 
     python -m minird.bench                 # all devices; --device=cpu or --device=cuda for one
     python -m minird.bench --device=cpu --threads=1
-    python -m minird.bench --generate      # also generate() end to end: tokens/s at r = 4 and 32
+    python -m minird.bench --generate      # also generate() end to end: tokens/s at r = 4 and 32, batch
+                                           # 1 to 64, plain loop and one CUDA graph per token; diffusion forcing
 
 eager           RecurrentDepthLM.core_step, the pure-PyTorch reference
 torch.compile   the same Python loop under torch.compile (default mode)
@@ -275,39 +276,70 @@ def run_device(device):
 # end to end: what generate() costs per token, all of it (embed, prelude, the r steps, coda, head,
 # the choice of the next token, and Python), on a model of Huginn's layout at toy width
 
+def decode_rate(run, rows, new_tokens, device):
+    """Tokens/s of decoding alone: rows * (new_tokens - 1) tokens over the time of generating
+    new_tokens less the time of generating 1 (the prompt's forward and the first token). run(n)
+    generates n tokens; each is run once first (warm-up, and a CUDA graph's capture)."""
+    seconds = {n: median_time(lambda: run(n), device, min_time=0.3, max_reps=5) for n in (1, new_tokens)}
+    return rows * (new_tokens - 1) / max(seconds[new_tokens] - seconds[1], 1e-9)
+
 
 def generation_rows(device, new_tokens=32):
-    """generate() greedy, batch 1, after a prompt of CACHE tokens, at r = 4 and 32, kernels on and
-    off: tokens/s, us per recurrent step, and the floor (the weights one token reads: the
-    prelude, coda and head once, the adapter and core once per step, at the measured bandwidth)."""
+    """generate() greedy after a prompt of CACHE tokens, at r = 4 and 32, batch 1, 16 and 64: the
+    plain loop on the reference path (eager) and on the kernels, and each token one CUDA graph
+    replay (minird.graphed; on the kernels, and on the reference ops). Decoding tokens/s, us per
+    recurrent step, and the floor: the weights one token reads (the prelude, coda and head once,
+    the adapter and core once per step, for all rows of a batch at once) at the measured
+    bandwidth. Then diffusion forcing against greedy at r = 32: tokens/s and the share of tokens
+    that agree (a random model: the share says little about a trained one)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     config = RecurrentDepthConfig(vocab_size=256, block_size=512, n_embd=256, n_head=4, intermediate_size=1024,
                                   n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2,
                                   token_shift=False, init_scale=0.0)
     model = RecurrentDepthLM(config).to(device, dtype).eval()
-    prompt = torch.randint(0, 256, (1, CACHE), device=device)
     bw, _ = measure_ceilings(device)
     size = torch.empty((), dtype=dtype).element_size()
     once = sum(p.numel() for part in (model.prelude, model.coda) for p in part.parameters()) + model.wte.weight.numel()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\ngenerate(), {name}, {dtype}: h=256, P2 R4 C2, heads of 64, batch 1, {new_tokens} new tokens after "
-          f"{CACHE} (the prompt's forward included), greedy; tokens/s (us per recurrent step)")
-    print("| r | eager | minird kernels | floor |")
-    print("|---|---|---|---|")
-    for r in (4, 32):
+    paths = {"eager": (False, False), "minird kernels": (True, False), "graph (eager ops)": (False, True),
+             "graph (minird kernels)": (True, True)}
+    print(f"\ngenerate(), {name}, {dtype}: h=256, P2 R4 C2, heads of 64, greedy, {new_tokens} new tokens after a "
+          f"prompt of {CACHE}; decoding tokens/s of all rows (us per recurrent step)")
+    print("| batch | r | " + " | ".join(paths) + " | floor |")
+    print("|---" * (len(paths) + 3) + "|")
+    cases = [(1, 4), (1, 32)] + ([(16, 32), (64, 32)] if device == "cuda" else [(8, 32)])
+    for batch, r in cases:
+        prompt = torch.randint(0, 256, (batch, CACHE), device=device)
         cells = []
-        for kernels in (False, True):
+        for kernels, graph in paths.values():
             model.use_kernels = kernels
-            if kernels and not ops.kernels_available(device):
+            if (kernels and not ops.kernels_available(device)) or (graph and device != "cuda"):
                 cells.append("n/a")
                 continue
-            seconds = median_time(lambda: generate(model, prompt, new_tokens, num_steps=r), device, min_time=1.0,
-                                  max_reps=5)
-            tok_s = new_tokens / seconds
-            cells.append(f"{tok_s:.1f} ({1e6 / tok_s / r:.0f} us)")
-        floor = bw / ((once + r * step_params(model)) * size)
-        print(f"| {r} | " + " | ".join(cells) + f" | {floor:.0f} |", flush=True)
+            run = lambda n: generate(model, prompt, n, num_steps=r, cuda_graph=graph)  # noqa: E731
+            tok_s = decode_rate(run, batch, new_tokens if graph or r == 4 else 8, device)
+            cells.append(f"{tok_s:.0f} ({1e6 * batch / tok_s / r:.1f} us)")
+        floor = batch * bw / ((once + r * step_params(model)) * size)
+        print(f"| {batch} | {r} | " + " | ".join(cells) + f" | {floor:.0f} |", flush=True)
+    model.use_kernels = True
+    prompt = torch.randint(0, 256, (1, CACHE), device=device)
+    greedy = generate(model, prompt, new_tokens, num_steps=32)
+    seconds = median_time(lambda: generate(model, prompt, new_tokens, num_steps=32), device, min_time=0.3, max_reps=5)
+    print(f"\ndiffusion forcing vs greedy, batch 1, r = 32 for the prompt, {new_tokens} new tokens, same model")
+    print("| sampler | tokens/s (prompt included) | forwards | core steps per token | tokens as greedy |")
+    print("|---|---|---|---|---|")
+    print(f"| greedy ({'graph' if device == 'cuda' else 'plain loop'}) | {new_tokens / seconds:.0f} | "
+          f"{greedy.stats.forwards} | 32 | - |")
+    for inner in (4, 8):
+        def diffusion():
+            return generate(model, prompt, new_tokens, num_steps=32, diffusion_forcing=True, inner_recurrence=inner,
+                            max_diffusion_steps=16 * new_tokens)
+        out = diffusion()
+        seconds = median_time(diffusion, device, min_time=0.3, max_reps=5)
+        agree = (out.ids[0, CACHE:] == greedy.ids[0, CACHE:out.ids.size(1)]).float().mean().item()
+        print(f"| diffusion, inner_recurrence {inner} | {(out.ids.size(1) - CACHE) / seconds:.0f} | "
+              f"{out.stats.forwards} | {out.steps[0, CACHE:].float().mean():.1f} | {agree:.0%} |", flush=True)
 
 
 def main(argv):
@@ -316,6 +348,7 @@ def main(argv):
                         help="all: the CPU, and the GPU where there is one")
     parser.add_argument("--generate", action="store_true",
                         help="also time generate() end to end (tokens/s), on a Huginn-layout toy model")
+    parser.add_argument("--generate_only", action="store_true", help="only the generate() tables")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (default 0: torch's); 1 is steadier on a CPU shared with other work")
     args = parser.parse_args(argv)
@@ -334,8 +367,9 @@ def main(argv):
             continue
         if device == "cpu":
             torch.set_flush_denormal(True)  # denormals made CPU elementwise ops ~10x slower (docs/TRAINING_LOG.md)
-        run_device(device)
-        if args.generate:
+        if not args.generate_only:
+            run_device(device)
+        if args.generate or args.generate_only:
             generation_rows(device)
 
 

@@ -42,6 +42,7 @@ HUGINN = dict(n_embd=5280, n_head=55, intermediate_size=17920, vocab_size=65536,
 SMALL = dict(HUGINN, n_embd=512, n_head=8, intermediate_size=1536, n_layers_in_prelude=1,
              n_layers_in_recurrent_block=2, n_layers_in_coda=1)
 PROMPT_LEN = 8
+SPEED_CASES = [(1, 4), (1, 32), (16, 32), (64, 32)]  # (batch, r) that --speed times
 
 
 def peak_rss_gb():
@@ -83,6 +84,103 @@ def minird_greedy(model, idx, args):
     return generate(model, idx, args.new_tokens, num_steps=args.num_steps).ids[0, idx.size(1):].tolist()
 
 
+def decode_rate(run, rows, new_tokens, device):
+    """(the output of run(new_tokens), tokens/s of decoding alone): rows * (new_tokens - 1) tokens over
+    the time of run(new_tokens) less that of run(1) (the prompt's forward); each run once first
+    (warm-up, and a CUDA graph's capture)."""
+    seconds = {}
+    for n in (1, new_tokens):
+        run(n)
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = run(n)
+        synchronize(device)
+        seconds[n] = time.perf_counter() - t0
+    return out, rows * (new_tokens - 1) / (seconds[new_tokens] - seconds[1])
+
+
+def speed_prompts(vocab_size, batch, device):
+    """batch seeded random prompts of PROMPT_LEN tokens, the first row prompt()'s."""
+    rows = torch.randint(0, vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    rows[0] = prompt(vocab_size)[0]
+    return rows.to(device)
+
+
+def floor_tokens_per_s(config, batch, num_steps, dtype, bandwidth):
+    """The weights one token reads -- the prelude, coda and head once, the adapter and the core
+    blocks once per step, for all rows of the batch at once -- at the measured bandwidth."""
+    h, I = config.n_embd, config.intermediate_size
+    block = 4 * h * h + 3 * h * I + 4 * h
+    once = (config.n_layers_in_prelude + config.n_layers_in_coda) * block + config.vocab_size * h
+    per_step = config.n_layers_in_recurrent_block * block + 2 * h * h
+    return batch * bandwidth / ((once + num_steps * per_step) * torch.empty((), dtype=dtype).element_size())
+
+
+def copy_bandwidth(device):
+    a = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    synchronize(device)
+    return 2 * a.nbytes * 10 / (time.perf_counter() - t0)
+
+
+def minird_speed(model, args, device, dtype):
+    """Decoding tokens/s at each (batch, r) of --speed, the plain loop and one CUDA graph per token,
+    and diffusion forcing at batch 1 against greedy."""
+    from minird import ops
+
+    rows, bandwidth, default_width = [], copy_bandwidth(device), ops.DECODE_KERNEL_MAX_WIDTH
+    for batch, r in SPEED_CASES:
+        idx = speed_prompts(model.config.vocab_size, batch, device)
+        row = {"batch": batch, "r": r, "floor_tok_s": floor_tokens_per_s(model.config, batch, r, dtype, bandwidth)}
+        # batch 1 runs the decode kernel up to ops.DECODE_KERNEL_MAX_WIDTH: both ways are timed
+        paths = [("plain", False, 0), ("graph", True, 0)]
+        if batch == 1 and ops.kernels_available(device.type):
+            paths += [("plain_decode_kernel", False, 1 << 30), ("graph_decode_kernel", True, 1 << 30)]
+        for path, graph, max_width in paths:
+            ops.DECODE_KERNEL_MAX_WIDTH = max_width
+            out, row[f"{path}_tok_s"] = decode_rate(
+                lambda n: generate(model, idx, n, num_steps=r, cuda_graph=graph).ids, batch, args.new_tokens, device)
+            row[f"{path}_tokens"] = out[:, PROMPT_LEN:].tolist()
+            row[f"{path}_kv_cache_gb"] = generate(model, idx, args.new_tokens, num_steps=r,
+                                                  cuda_graph=graph).kv_cache_bytes / 2**30
+        ops.DECODE_KERNEL_MAX_WIDTH = default_width
+        rows.append(row)
+    idx = speed_prompts(model.config.vocab_size, 1, device)
+    greedy = generate(model, idx, args.new_tokens, num_steps=args.num_steps).ids[0, PROMPT_LEN:]
+    for inner in (4, 8):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = generate(model, idx, args.new_tokens, num_steps=args.num_steps, diffusion_forcing=True,
+                       inner_recurrence=inner, max_diffusion_steps=16 * args.new_tokens)
+        synchronize(device)
+        new = out.ids[0, PROMPT_LEN:]
+        rows.append({"diffusion_inner_recurrence": inner, "tok_s": new.numel() / (time.perf_counter() - t0),
+                     "forwards": out.stats.forwards, "agreement": (new == greedy[:new.numel()]).float().mean().item(),
+                     "steps_per_token": out.steps[0, PROMPT_LEN:].float().mean().item()})
+    return rows
+
+
+def official_speed(model, args, device, greedy):
+    rows = []
+    for batch, r in SPEED_CASES:
+        idx = speed_prompts(model.config.vocab_size, batch, device)
+        try:
+            out, tok_s = decode_rate(lambda n: model.generate(
+                idx, greedy, num_steps=r, max_new_tokens=n, init_scale=0.0, continuous_compute=False),
+                batch, args.new_tokens, device)
+            rows.append({"batch": batch, "r": r, "tok_s": tok_s, "tokens": out[:, PROMPT_LEN:].tolist()})
+        except torch.OutOfMemoryError as exc:
+            rows.append({"batch": batch, "r": r, "error": str(exc).splitlines()[0]})
+            torch.cuda.empty_cache()
+    return rows
+
+
 def stage_minird(args, device, dtype):
     from minird import ops
 
@@ -96,9 +194,12 @@ def stage_minird(args, device, dtype):
     with torch.no_grad():
         tokens = minird_greedy(model, idx, args)
     synchronize(device)
-    return {"load_s": load_s, "peak_rss_before_load_gb": rss_before, "peak_rss_gb": rss_after,
-            "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0, "tokens": tokens,
-            "kernels": ops.kernels_available(device.type)}
+    result = {"load_s": load_s, "peak_rss_before_load_gb": rss_before, "peak_rss_gb": rss_after,
+              "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0, "tokens": tokens,
+              "kernels": ops.kernels_available(device.type)}
+    if args.speed:
+        result["speed"] = minird_speed(model, args, device, dtype)
+    return result
 
 
 def stage_official(args, device, dtype):
@@ -119,9 +220,12 @@ def stage_official(args, device, dtype):
     out = model.generate(idx, greedy, num_steps=args.num_steps, max_new_tokens=args.new_tokens, init_scale=0.0,
                          continuous_compute=False)
     synchronize(device)
-    return {"load_s": load_s, "peak_rss_before_load_gb": rss_before, "peak_rss_gb": rss_after,
-            "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0,
-            "tokens": out[0, idx.size(1):].tolist()}
+    result = {"load_s": load_s, "peak_rss_before_load_gb": rss_before, "peak_rss_gb": rss_after,
+              "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0,
+              "tokens": out[0, idx.size(1):].tolist()}
+    if args.speed:
+        result["speed"] = official_speed(model, args, device, greedy)
+    return result
 
 
 STAGES = {"save": stage_save, "minird": stage_minird, "official": stage_official}
@@ -132,7 +236,7 @@ def run_stage(stage, args, folder):
     line of its output."""
     argv = [f"--device={args.device}", f"--dtype={args.dtype}", f"--num_steps={args.num_steps}",
             f"--new_tokens={args.new_tokens}", f"--shard_gb={args.shard_gb}", f"--folder={folder}"]
-    argv += ["--small"] * args.small + [f"--official={args.official}"] * bool(args.official)
+    argv += ["--small"] * args.small + ["--speed"] * args.speed + [f"--official={args.official}"] * bool(args.official)
     result = subprocess.run([sys.executable, __file__, "--stage", stage, *argv], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"stage {stage} failed:\n{result.stderr}")
@@ -157,6 +261,37 @@ def print_table(results):
         print(f"{c} tokens: {results[c]['tokens']}")
     if "official" in results:
         print(f"tokens match: {results['minird']['tokens'] == results['official']['tokens']}")
+    if "speed" in results["minird"]:
+        print_speed(results)
+
+
+def print_speed(results):
+    official = {(row["batch"], row["r"]): row for row in results.get("official", {}).get("speed", [])}
+    print("\ndecoding tokens/s of all rows (new tokens after the prompt's forward); floor: weights read once "
+          "per step for all rows")
+    print("| batch | r | official | minird plain loop | minird, a CUDA graph per token | floor | graph / floor | "
+          "same tokens (plain, graph, official) | KV cache (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results["minird"]["speed"]:
+        if "batch" not in row:
+            continue
+        ref = official.get((row["batch"], row["r"]), {})
+        ref_cell = f"{ref['tok_s']:.1f}" if "tok_s" in ref else ref.get("error", "-")
+        same = "yes" if row["graph_tokens"] == row["plain_tokens"] == ref.get("tokens", row["plain_tokens"]) else "NO"
+        print(f"| {row['batch']} | {row['r']} | {ref_cell} | {row['plain_tok_s']:.1f} | {row['graph_tok_s']:.1f} | "
+              f"{row['floor_tok_s']:.1f} | {row['graph_tok_s'] / row['floor_tok_s']:.0%} | {same} | "
+              f"{row['graph_kv_cache_gb']:.2f} |")
+        if "graph_decode_kernel_tok_s" in row:
+            same_kernel = "yes" if row["graph_decode_kernel_tokens"] == row["plain_decode_kernel_tokens"] == ref.get(
+                "tokens", row["plain_decode_kernel_tokens"]) else "NO"
+            print(f"| {row['batch']} | {row['r']} | (decode kernel) | {row['plain_decode_kernel_tok_s']:.1f} | "
+                  f"{row['graph_decode_kernel_tok_s']:.1f} | | {row['graph_decode_kernel_tok_s'] / row['floor_tok_s']:.0%}"
+                  f" | {same_kernel} | |")
+    for row in results["minird"]["speed"]:
+        if "diffusion_inner_recurrence" in row:
+            print(f"diffusion forcing, inner_recurrence {row['diffusion_inner_recurrence']}: {row['tok_s']:.1f} "
+                  f"tok/s, {row['forwards']} forwards, {row['steps_per_token']:.1f} core steps per token, "
+                  f"{row['agreement']:.0%} of tokens as greedy")
 
 
 def main():
@@ -169,6 +304,9 @@ def main():
     parser.add_argument("--shard_gb", type=float, default=2.0, help="shard size (the hub's shards are a few GB)")
     parser.add_argument("--folder", help="where to write the checkpoint (kept); default: a temporary folder")
     parser.add_argument("--official", help="a checkout of seal-rg/recurrent-pretraining, to compare with")
+    parser.add_argument("--speed", action="store_true",
+                        help="also time decoding at batch 1, 16 and 64 (r = 32) and batch 1 at r = 4, the plain loop "
+                             "and a CUDA graph per token, and diffusion forcing; with --official, its generate too")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # set by run_stage
     args = parser.parse_args()
