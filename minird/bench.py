@@ -279,7 +279,7 @@ def run_device(device):
 def decode_rate(run, rows, new_tokens, device):
     """Tokens/s of decoding alone: rows * (new_tokens - 1) tokens over the time of generating
     new_tokens less the time of generating 1 (the prompt's forward and the first token). run(n)
-    generates n tokens; each is run once first (warm-up, and a CUDA graph's capture)."""
+    generates n tokens; median_time warms each up first (and a CUDA graph is captured then)."""
     seconds = {n: median_time(lambda: run(n), device, min_time=0.3, max_reps=5) for n in (1, new_tokens)}
     return rows * (new_tokens - 1) / max(seconds[new_tokens] - seconds[1], 1e-9)
 

@@ -8,6 +8,7 @@ import torch
 
 from helpers import assert_one_line_error, run_script
 from minird.checkpoint import load_model
+from minird.data import CharTokenizer
 from minird.evaluate import decode_token_by_token, encode_answers, held_out_sets
 from minird.generate import generate
 from minird.kv_cache import KVCache
@@ -161,6 +162,32 @@ def test_speculative_writes_what_plain_decoding_writes(trained_run, tmp_path):
     first = held_out_sets(corpus, 8, 7, (corpus.max_hops + 1, corpus.max_hops + 7))["in-distribution"][0]
     assert report["example"]["prompt"] == first.prompt and len(report["example"]["written"]) == 8
     assert "speed-up" in stdout and "plain" in stdout
+
+
+def test_diffusion_compares_with_greedy(trained_run, tmp_path):
+    """The report's rows agree with generate run here on the same prompts: greedy's forwards and
+    steps, diffusion forcing's tokens as a share of greedy's."""
+    report, stdout = run_experiment(trained_run, tmp_path, "diffusion", "--lines=8", "--cap=4", "--spec_lines=2",
+                                    "--new_tokens=6", "--inner_recurrence=1,2")
+    assert (report["r"], report["lines"], report["new_tokens"]) == (4, 2, 6)
+    greedy = report["results"].pop("greedy")
+    assert greedy["tokens"] == 2 * 6 and greedy["forwards"] == 2 * 6
+    assert greedy["core_steps_per_token"] == pytest.approx(4 * 5 / 6)  # 5 fed tokens at r = 4 of 6 written
+    model, _, corpus = load_model(trained_run[0] / "ckpt.pt")
+    lines = held_out_sets(corpus, 8, 7, (corpus.max_hops + 1, corpus.max_hops + 7))["in-distribution"][:2]
+    prompts = [torch.tensor([CharTokenizer().encode(line.prompt)]) for line in lines]
+    assert [row["inner_recurrence"] for row in report["results"].values()] == [1, 2]
+    for row in report["results"].values():  # s0 = 0 in this run (TINY_TRAIN): no noise, the same tokens here
+        same = written = 0
+        for idx in prompts:
+            plain = generate(model, idx, 6, num_steps=4).ids[0, idx.size(1):]
+            ids = generate(model, idx, 6, num_steps=4, diffusion_forcing=True,
+                           inner_recurrence=row["inner_recurrence"]).ids[0, idx.size(1):]
+            same, written = same + int((ids == plain[:len(ids)]).sum()), written + len(ids)
+        assert row["tokens"] == written and row["agreement"] == pytest.approx(same / written)
+        assert 0 <= row["prefix_agreement"] <= row["agreement"]
+        assert row["speedup"] == pytest.approx(greedy["seconds"] / row["seconds"])
+    assert "diffusion, inner_recurrence 2" in stdout and "as greedy" in stdout
 
 
 def test_latent_reports_trajectories_of_the_answers(trained_run, tmp_path):

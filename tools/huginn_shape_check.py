@@ -140,7 +140,7 @@ def minird_speed(model, args, device, dtype):
         row = {"batch": batch, "r": r, "floor_tok_s": floor_tokens_per_s(model.config, batch, r, dtype, bandwidth)}
         # batch 1 runs the decode kernel up to ops.DECODE_KERNEL_MAX_WIDTH: both ways are timed
         paths = [("plain", False, 0), ("graph", True, 0)]
-        if batch == 1 and ops.kernels_available(device.type):
+        if batch == 1 and device.type == "cuda" and ops.kernels_available("cuda"):
             paths += [("plain_decode_kernel", False, 1 << 30), ("graph_decode_kernel", True, 1 << 30)]
         for path, graph, max_width in paths:
             ops.DECODE_KERNEL_MAX_WIDTH = max_width
@@ -269,7 +269,8 @@ def print_speed(results):
     official = {(row["batch"], row["r"]): row for row in results.get("official", {}).get("speed", [])}
     print("\ndecoding tokens/s of all rows (new tokens after the prompt's forward); floor: weights read once "
           "per step for all rows")
-    print("| batch | r | official | minird plain loop | minird, a CUDA graph per token | floor | graph / floor | "
+    print("| batch | r | official | minird plain loop | minird, a CUDA graph per token (CPU: uncaptured) | floor | "
+          "graph / floor | "
           "same tokens (plain, graph, official) | KV cache (GB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in results["minird"]["speed"]:
