@@ -17,6 +17,7 @@ id with `pip install huggingface_hub`) writes free text instead, with the same t
 
     python sample.py --init_from tomg-group-umd/huginn-0125 --chat --steps 32 --prompt "What is 7 * 8?"
     python sample.py --init_from PATH --steps 4,32 --new_tokens 64 --prompt "The capital of France is"
+    python sample.py --init_from PATH --steps 32 --diffusion_forcing --prompt "..."   # the diffusion-style sampler
 """
 
 import argparse
@@ -97,6 +98,11 @@ pretrained.add_argument("--chat", action="store_true", help="wrap each --prompt 
 pretrained.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="the weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
 pretrained.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+pretrained.add_argument("--diffusion_forcing", action="store_true",
+                        help="write with diffusion forcing (the official diffusion-style sampler): after the prompt "
+                             "at r = --steps, a wave of positions is iterated --inner_recurrence steps a round")
+pretrained.add_argument("--inner_recurrence", type=positive_int, default=4,
+                        help="diffusion forcing: steps a round of the wave")
 
 
 def default_prompts(corpus, seed):
@@ -169,6 +175,9 @@ def main():
         return sample_pretrained(args)
     if args.chat or args.dtype or args.device:
         parser.error("--chat, --dtype and --device go with --init_from (a Huginn checkpoint)")
+    if args.diffusion_forcing:
+        parser.error("--diffusion_forcing goes with --init_from (one prompt at a time); on the toy checkpoint, "
+                     "python -m minird.experiments diffusion compares it with greedy decoding")
     try:
         model, tokenizer, corpus = load_model(args.ckpt)
         block_size, mean_r = model.config.block_size, model.config.mean_recurrence
@@ -275,13 +284,16 @@ def sample_pretrained(args):
                                criterion=args.criterion, exit_threshold=args.exit_threshold,
                                min_steps=args.min_steps, cache_lookup_strategy=args.cache_lookup_strategy,
                                draft_steps=args.draft_steps, lookahead_for_draft=args.lookahead_for_draft,
-                               temperature=args.temperature, top_k=args.top_k)
+                               temperature=args.temperature, top_k=args.top_k,
+                               diffusion_forcing=args.diffusion_forcing, inner_recurrence=args.inner_recurrence)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
                 written = out.ids[0, idx.size(1):].tolist()
                 steps = out.steps[0, idx.size(1) - 1:].tolist()  # the steps of the tokens that made each one
                 extra = f", mean steps {sum(steps) / len(steps):.1f}" if args.criterion != "none" else ""
+                if args.diffusion_forcing:
+                    extra = f", diffusion forcing: {out.stats.forwards} forwards, mean steps {sum(steps) / len(steps):.1f}"
                 print(f"  r={r} ({len(written)} tokens, {len(written) / seconds:.1f} tok/s{extra}): "
                       f"{tokenizer.decode(written)!r}")
             if args.trace:

@@ -241,6 +241,24 @@ def test_pretrained_text_is_generate_with_the_checkpoints_stop_tokens():
             [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith(f"  r={r} ")]
 
 
+def test_pretrained_diffusion_forcing_is_generate_with_it():
+    from minird.pretrained import from_pretrained
+    from minird.tokenizer import HuginnTokenizer
+
+    result = run_script("sample.py", "--init_from", HUGINN_FIXTURE, "--prompt", "Hello there", "--steps", "4",
+                        "--new_tokens", "6", "--seed", "3", "--diffusion_forcing", "--inner_recurrence", "2")
+    assert result.returncode == 0, result.stderr
+    model = from_pretrained(HUGINN_FIXTURE).eval()
+    tokenizer = HuginnTokenizer.from_pretrained(HUGINN_FIXTURE)
+    ids = tokenizer.encode("Hello there")[:-1]
+    torch.manual_seed(3)
+    out = generate(model, torch.tensor([ids]), 6, num_steps=4, stop_tokens=tokenizer.stop_token_ids,
+                   diffusion_forcing=True, inner_recurrence=2)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("  r=4 ")]
+    assert line.endswith(f"{tokenizer.decode(out.ids[0, len(ids):].tolist())!r}")
+    assert f"diffusion forcing: {out.stats.forwards} forwards" in line
+
+
 def test_pretrained_chat_wraps_the_prompt_in_the_chat_format():
     result = run_script("sample.py", "--init_from", HUGINN_FIXTURE, "--chat", "--prompt", "Hi", "--steps", "2",
                         "--new_tokens", "3", "--criterion", "kl")
@@ -256,6 +274,9 @@ def test_pretrained_chat_wraps_the_prompt_in_the_chat_format():
     (["--init_from", "tests/fixtures/no_such_folder", "--prompt", "x"], "no such folder"),
     (["--init_from", HUGINN_FIXTURE], "--init_from needs at least one --prompt"),
     (["--chat"], "--chat, --dtype and --device go with --init_from"),
+    (["--diffusion_forcing"], "--diffusion_forcing goes with --init_from"),
+    (["--init_from", HUGINN_FIXTURE, "--prompt", "x", "--diffusion_forcing", "--criterion", "kl"],
+     "diffusion_forcing is greedy"),
     (["--init_from", HUGINN_FIXTURE, "--prompt", "x", "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
     (["--init_from", HUGINN_FIXTURE, "--prompt", "x", "--steps", "2", "--min_steps", "3", "--criterion", "kl"],
      "min_steps must be an integer from 1 to num_steps = 2"),
