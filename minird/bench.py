@@ -276,6 +276,14 @@ def run_device(device):
 # end to end: what generate() costs per token, all of it (embed, prelude, the r steps, coda, head,
 # the choice of the next token, and Python), on a model of Huginn's layout at toy width
 
+def decode_floor(model, batch, num_steps, bandwidth):
+    """Tokens/s of all rows if a token read only its weights, once, at bandwidth (bytes/s): the
+    embedding, prelude and coda once, the adapter and the core once per step, for all rows at once."""
+    once = sum(p.numel() for part in (model.prelude, model.coda) for p in part.parameters()) + model.wte.weight.numel()
+    size = model.wte.weight.element_size()
+    return batch * bandwidth / ((once + num_steps * step_params(model)) * size)
+
+
 def decode_rate(run, rows, new_tokens, device):
     """Tokens/s of decoding alone: rows * (new_tokens - 1) tokens over the time of generating
     new_tokens less the time of generating 1 (the prompt's forward and the first token). run(n)
@@ -299,8 +307,6 @@ def generation_rows(device, new_tokens=32):
                                   token_shift=False, init_scale=0.0)
     model = RecurrentDepthLM(config).to(device, dtype).eval()
     bw, _ = measure_ceilings(device)
-    size = torch.empty((), dtype=dtype).element_size()
-    once = sum(p.numel() for part in (model.prelude, model.coda) for p in part.parameters()) + model.wte.weight.numel()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     paths = {"eager": (False, False), "minird kernels": (True, False), "graph (eager ops)": (False, True),
              "graph (minird kernels)": (True, True)}
@@ -320,8 +326,7 @@ def generation_rows(device, new_tokens=32):
             run = lambda n: generate(model, prompt, n, num_steps=r, cuda_graph=graph)  # noqa: E731
             tok_s = decode_rate(run, batch, new_tokens if graph or r == 4 else 8, device)
             cells.append(f"{tok_s:.0f} ({1e6 * batch / tok_s / r:.1f} us)")
-        floor = batch * bw / ((once + r * step_params(model)) * size)
-        print(f"| {batch} | {r} | " + " | ".join(cells) + f" | {floor:.0f} |", flush=True)
+        print(f"| {batch} | {r} | " + " | ".join(cells) + f" | {decode_floor(model, batch, r, bw):.0f} |", flush=True)
     model.use_kernels = True
     prompt = torch.randint(0, 256, (1, CACHE), device=device)
     greedy = generate(model, prompt, new_tokens, num_steps=32)

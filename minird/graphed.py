@@ -66,14 +66,15 @@ class TokenGraph:
         s = model.iterate(e, (self.num_steps, 0), cos, sin, view, mask, self.init_scale, s0=s0)
         logits = model.readout(s, cos, sin, view, mask)  # (B, 1, vocab)
         next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        self.state.copy_(s)
+        if self.continuous_compute:
+            self.state.copy_(s)
         self.token.copy_(next_id)
         pos.add_(1)
         self.ids.index_copy_(1, pos, next_id)
 
     def capture(self):
         """Record step() in a CUDA graph. One warm-up run first, on a side stream (as torch's
-        docs ask), so that lazy set-up (cuBLAS handles, the mask's arange) is not recorded; it
+        docs ask), so that lazy set-up (cuBLAS handles, kernel attributes) is not recorded; it
         writes at the current position only, which the first replay rewrites."""
         saved = [t.clone() for t in (self.pos, self.token, self.state)]
         side = torch.cuda.Stream()

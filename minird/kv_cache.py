@@ -176,10 +176,7 @@ class DecodeView:
     def __init__(self, cache, pos):
         self.cache = cache
         self.pos = pos  # (1,) int64, on the cache's device
-        self.key_positions = None  # arange(max_len), made on first use
-
-    def slot(self, key):
-        return self.cache.slot(key)
+        self.key_positions = torch.arange(cache.max_len, device=pos.device)
 
     def buffers(self, key, batch, n_head, head_dim, dtype, device):
         return self.cache.buffers(key, batch, n_head, head_dim, dtype, device)
@@ -200,8 +197,6 @@ class DecodeView:
 
     def mask(self):
         """(B or 1, 1, 1, max_len) bool: the keys the token at pos attends to."""
-        if self.key_positions is None:
-            self.key_positions = torch.arange(self.cache.max_len, device=self.pos.device)
         keys = (self.key_positions <= self.pos)[None]  # (1, max_len)
         if self.cache.tokens is not None:
             keys = keys & self.cache.tokens

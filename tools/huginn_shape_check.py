@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from minird.bench import decode_floor, measure_ceilings  # noqa: E402
 from minird.generate import generate  # noqa: E402
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM  # noqa: E402
 from minird.pretrained import from_pretrained, save_pretrained  # noqa: E402
@@ -106,38 +107,15 @@ def speed_prompts(vocab_size, batch, device):
     return rows.to(device)
 
 
-def floor_tokens_per_s(config, batch, num_steps, dtype, bandwidth):
-    """The weights one token reads -- the prelude, coda and head once, the adapter and the core
-    blocks once per step, for all rows of the batch at once -- at the measured bandwidth."""
-    h, I = config.n_embd, config.intermediate_size
-    block = 4 * h * h + 3 * h * I + 4 * h
-    once = (config.n_layers_in_prelude + config.n_layers_in_coda) * block + config.vocab_size * h
-    per_step = config.n_layers_in_recurrent_block * block + 2 * h * h
-    return batch * bandwidth / ((once + num_steps * per_step) * torch.empty((), dtype=dtype).element_size())
-
-
-def copy_bandwidth(device):
-    a = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    synchronize(device)
-    return 2 * a.nbytes * 10 / (time.perf_counter() - t0)
-
-
-def minird_speed(model, args, device, dtype):
+def minird_speed(model, args, device):
     """Decoding tokens/s at each (batch, r) of --speed, the plain loop and one CUDA graph per token,
     and diffusion forcing at batch 1 against greedy."""
     from minird import ops
 
-    rows, bandwidth, default_width = [], copy_bandwidth(device), ops.DECODE_KERNEL_MAX_WIDTH
+    rows, (bandwidth, _), default_width = [], measure_ceilings(device.type), ops.DECODE_KERNEL_MAX_WIDTH
     for batch, r in SPEED_CASES:
         idx = speed_prompts(model.config.vocab_size, batch, device)
-        row = {"batch": batch, "r": r, "floor_tok_s": floor_tokens_per_s(model.config, batch, r, dtype, bandwidth)}
+        row = {"batch": batch, "r": r, "floor_tok_s": decode_floor(model, batch, r, bandwidth)}
         # batch 1 runs the decode kernel up to ops.DECODE_KERNEL_MAX_WIDTH: both ways are timed
         paths = [("plain", False, 0), ("graph", True, 0)]
         if batch == 1 and device.type == "cuda" and ops.kernels_available("cuda"):
@@ -198,7 +176,7 @@ def stage_minird(args, device, dtype):
               "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0, "tokens": tokens,
               "kernels": ops.kernels_available(device.type)}
     if args.speed:
-        result["speed"] = minird_speed(model, args, device, dtype)
+        result["speed"] = minird_speed(model, args, device)
     return result
 
 

@@ -12,6 +12,7 @@ import functools
 import torch
 
 from minird.data import CharTokenizer
+from minird.evaluate import save_figure
 from minird.experiments.speculative import timed_in_turn
 from minird.generate import generate
 
@@ -72,7 +73,6 @@ def show(report):
 
 
 def plot(report, path, plt):
-    from minird.evaluate import save_figure
     rows = [row for row in report["results"].values() if "inner_recurrence" in row]
     inner = [row["inner_recurrence"] for row in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
