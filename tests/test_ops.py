@@ -123,6 +123,20 @@ def test_add_rmsnorm(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("h", [2049, 5280, 9000])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_add_rmsnorm_wide_rows(device, dtype, h, rows):
+    """Rows wider than 2048 get more threads on CUDA (then, past 8192, more elements per thread):
+    Huginn's width 5280 among them, at decode's one row and at a few."""
+    torch.manual_seed(0)
+    x, y = (leaf(rows, 1, h, device=device, dtype=dtype).detach() for _ in range(2))
+    w, wn = (1 + 0.1 * leaf(h, device=device, dtype=dtype).detach() for _ in range(2))
+    with torch.no_grad():
+        assert_close(ops.add_rmsnorm(x, y, w, wn, 1e-6), add_rmsnorm_ref(x, y, w, wn), dtype, "add + two norms")
+        assert_close(ops.add_rmsnorm(x, None, w, None, 1e-6)[:1], (rmsnorm_ref(x, w),), dtype, "plain norm")
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_swiglu(device, dtype, shape):
     torch.manual_seed(0)

@@ -9,14 +9,26 @@
 //   Backward: a persistent grid of blocks, each walking rows and keeping its partial weight grads
 //   in shared memory (no atomics, deterministic); the partials are summed by one torch.sum.
 // At decode (one row) each launch is one block: the time is the launch, which is why the op also
-// folds in the next norm -- one launch instead of two.
+// folds in the next norm -- one launch instead of two. And the time of that one block is a chain of
+// dependent loads: with 256 threads a row of h = 5280 is 21 loads per thread per pass, which an
+// H200 profile measured at 24.6 us a call, ~20% of Huginn's batch-1 decode step (csrc/README.md).
+// So wide rows get more threads (up to 1024, at most kPerThread elements each) and the loops are
+// unrolled to keep a thread's loads in flight together. Rows up to 256 * kPerThread = 2048 keep
+// 256 threads, and so their bits: the thread count sets the order of the block's sums.
 #include <torch/library.h>
 
 #include "common.cuh"
 
 namespace minird {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;   // threads per row, at least (the backward's block)
+constexpr int kPerThread = 8;   // elements per thread the forward aims at, for rows wider than 2048
+
+// The forward's block for rows of h: enough threads for kPerThread elements each, 256 to 1024.
+inline int forward_threads(int64_t h) {
+  const int64_t wanted = (h + kPerThread - 1) / kPerThread;
+  return (int)std::min<int64_t>(1024, std::max<int64_t>(kThreads, (wanted + 31) / 32 * 32));
+}
 
 template <typename scalar_t>
 __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
@@ -26,12 +38,14 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
   __shared__ acc_t shared[32];
   const int64_t o = (int64_t)blockIdx.x * h;
   acc_t ss = 0;
+#pragma unroll kPerThread
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     const acc_t u = y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
     ss += u * u;
   }
   const acc_t r = acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps));
   acc_t ss_next = 0;
+#pragma unroll kPerThread
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     const acc_t u = y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
     const scalar_t a = static_cast<scalar_t>(round_to<scalar_t>(u * r) * acc_t(w[i]));
@@ -41,6 +55,7 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
   if (!w_next) return;
   const acc_t r_next = acc_t(1) / sqrt(block_sum(ss_next, shared) / h + acc_t(eps));
   // each thread re-reads only the elements it wrote itself: no barrier needed
+#pragma unroll kPerThread
   for (int i = threadIdx.x; i < h; i += blockDim.x) {
     out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(acc_t(out[o + i]) * r_next) * acc_t(w_next[i]));
   }
@@ -56,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cuda(const at::Tensor& x, const c
   at::Tensor out_next = weight_next ? at::empty_like(x) : at::empty({0}, x.options());
   if (rows == 0) return {out, out_next};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rmsnorm_cuda", [&] {
-    add_rmsnorm_kernel<scalar_t><<<rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    add_rmsnorm_kernel<scalar_t><<<rows, forward_threads(h), 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), y ? y->data_ptr<scalar_t>() : nullptr, weight.data_ptr<scalar_t>(),
         weight_next ? weight_next->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
         weight_next ? out_next.data_ptr<scalar_t>() : nullptr, (int)h, (float)eps);
