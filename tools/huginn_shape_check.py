@@ -6,6 +6,7 @@ official code on the same folder and compare the tokens.
     python tools/huginn_shape_check.py --device cuda --dtype bfloat16 --out shape_check.json
     python tools/huginn_shape_check.py ... --official PATH      # PATH: a seal-rg/recurrent-pretraining checkout
     python tools/huginn_shape_check.py --small --device cpu --dtype float32    # a smoke test in minutes
+    python tools/huginn_shape_check.py --toy --device cpu --dtype float32 --speed --official PATH
 
 The shape is h 5280, 55 heads of 96, P=2, R=4, C=2, SwiGLU inner 17920, vocabulary 65536: 3.5B
 parameters, 7 GB in bf16. Each stage runs in a process of its own, so that its peak host memory
@@ -42,6 +43,8 @@ HUGINN = dict(n_embd=5280, n_head=55, intermediate_size=17920, vocab_size=65536,
               n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2)
 SMALL = dict(HUGINN, n_embd=512, n_head=8, intermediate_size=1536, n_layers_in_prelude=1,
              n_layers_in_recurrent_block=2, n_layers_in_coda=1)
+# minird.bench's toy Huginn-shaped model: there the host's per-op overhead, not the weights, sets the speed
+TOY = dict(HUGINN, n_embd=256, n_head=4, intermediate_size=1024, vocab_size=256, block_size=512)
 PROMPT_LEN = 8
 SPEED_CASES = [(1, 4), (1, 32), (16, 32), (64, 32)]  # (batch, r) that --speed times
 
@@ -65,7 +68,8 @@ def prompt(vocab_size):
 
 
 def stage_save(args, device, dtype):
-    config = RecurrentDepthConfig(**(SMALL if args.small else HUGINN), mean_recurrence=32, mean_backprop_depth=8,
+    shape = SMALL if args.small else TOY if args.toy else HUGINN
+    config = RecurrentDepthConfig(**shape, mean_recurrence=32, mean_backprop_depth=8,
                                   init="takase", token_shift=False, scale_embedding=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -214,7 +218,8 @@ def run_stage(stage, args, folder):
     line of its output."""
     argv = [f"--device={args.device}", f"--dtype={args.dtype}", f"--num_steps={args.num_steps}",
             f"--new_tokens={args.new_tokens}", f"--shard_gb={args.shard_gb}", f"--folder={folder}"]
-    argv += ["--small"] * args.small + ["--speed"] * args.speed + [f"--official={args.official}"] * bool(args.official)
+    argv += ["--small"] * args.small + ["--toy"] * args.toy + ["--speed"] * args.speed
+    argv += [f"--official={args.official}"] * bool(args.official)
     result = subprocess.run([sys.executable, __file__, "--stage", stage, *argv], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"stage {stage} failed:\n{result.stderr}")
@@ -275,7 +280,10 @@ def print_speed(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="h=512, 8 heads, P=1 R=2 C=1: a CPU smoke test")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--small", action="store_true", help="h=512, 8 heads, P=1 R=2 C=1: a CPU smoke test")
+    shape.add_argument("--toy", action="store_true",
+                       help="minird.bench's toy model: h=256, 4 heads, P=2 R=4 C=2, vocabulary 256")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--num_steps", type=int, default=32)
