@@ -12,8 +12,8 @@
 // folds in the next norm -- one launch instead of two. And the time of that one block is a chain of
 // dependent loads: with 256 threads a row of h = 5280 is 21 loads per thread per pass, which an
 // H200 profile measured at 24.6 us a call, ~20% of Huginn's batch-1 decode step (csrc/README.md).
-// So wide rows get more threads (up to 1024, at most kPerThread elements each) and the loops are
-// unrolled to keep a thread's loads in flight together. Rows up to 256 * kPerThread = 2048 keep
+// So wide rows get more threads (up to 1024, at most kPerThread elements each) and each thread
+// issues its kPerThread loads together (a loop of fixed length). Rows up to 256 * kPerThread = 2048 keep
 // 256 threads, and so their bits: the thread count sets the order of the block's sums.
 #include <torch/library.h>
 
@@ -37,27 +37,51 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t shared[32];
   const int64_t o = (int64_t)blockIdx.x * h;
+  // A thread's elements are i = threadIdx.x + k * blockDim.x, taken kPerThread at a time: a loop of
+  // fixed length whose loads are all issued before their first use. Past the row's end u is 0,
+  // which adds nothing to the sums, so they are the plain loop's, in its order.
+  auto u_at = [&](int i) {
+    if (i >= h) return acc_t(0);
+    return y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
+  };
+  const int stride = blockDim.x, group = kPerThread * stride;
   acc_t ss = 0;
-#pragma unroll kPerThread
-  for (int i = threadIdx.x; i < h; i += blockDim.x) {
-    const acc_t u = y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
-    ss += u * u;
+  for (int base = threadIdx.x; base < h; base += group) {
+    acc_t u[kPerThread];
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) u[k] = u_at(base + k * stride);
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) ss += u[k] * u[k];
   }
   const acc_t r = acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps));
   acc_t ss_next = 0;
-#pragma unroll kPerThread
-  for (int i = threadIdx.x; i < h; i += blockDim.x) {
-    const acc_t u = y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
-    const scalar_t a = static_cast<scalar_t>(round_to<scalar_t>(u * r) * acc_t(w[i]));
-    out[o + i] = a;
-    ss_next += acc_t(a) * acc_t(a);
+  for (int base = threadIdx.x; base < h; base += group) {
+    acc_t u[kPerThread], wk[kPerThread];
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) {
+      const int i = base + k * stride;
+      u[k] = u_at(i);
+      wk[k] = i < h ? acc_t(w[i]) : acc_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) {
+      const int i = base + k * stride;
+      const scalar_t a = static_cast<scalar_t>(round_to<scalar_t>(u[k] * r) * wk[k]);
+      if (i < h) out[o + i] = a;
+      ss_next += acc_t(a) * acc_t(a);
+    }
   }
   if (!w_next) return;
   const acc_t r_next = acc_t(1) / sqrt(block_sum(ss_next, shared) / h + acc_t(eps));
   // each thread re-reads only the elements it wrote itself: no barrier needed
-#pragma unroll kPerThread
-  for (int i = threadIdx.x; i < h; i += blockDim.x) {
-    out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(acc_t(out[o + i]) * r_next) * acc_t(w_next[i]));
+  for (int base = threadIdx.x; base < h; base += group) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) {
+      const int i = base + k * stride;
+      if (i < h) {
+        out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(acc_t(out[o + i]) * r_next) * acc_t(w_next[i]));
+      }
+    }
   }
 }
 
