@@ -11,10 +11,11 @@
 // At decode (one row) each launch is one block: the time is the launch, which is why the op also
 // folds in the next norm -- one launch instead of two. And the time of that one block is a chain of
 // dependent loads: with 256 threads a row of h = 5280 is 21 loads per thread per pass, which an
-// H200 profile measured at 24.6 us a call, ~20% of Huginn's batch-1 decode step (csrc/README.md).
-// So wide rows get more threads (up to 1024, at most kPerThread elements each) and each thread
-// issues its kPerThread loads together (a loop of fixed length). Rows up to 256 * kPerThread = 2048 keep
-// 256 threads, and so their bits: the thread count sets the order of the block's sums.
+// H200 profile measured at 24.6 us a call, ~20% of Huginn's batch-1 decode step (README.md, "fast
+// generation"). So wide rows get more threads (up to 1024, at most kPerThread elements each) and
+// each thread issues its kPerThread loads together (a loop of fixed length): 7.6 us a call. Rows up
+// to 256 * kPerThread = 2048 keep 256 threads, and so their bits: the thread count sets the order
+// of the block's sums.
 #include <torch/library.h>
 
 #include "common.cuh"
