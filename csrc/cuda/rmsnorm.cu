@@ -13,9 +13,9 @@
 // dependent loads: with 256 threads a row of h = 5280 is 21 loads per thread per pass, which an
 // H200 profile measured at 24.6 us a call, ~20% of Huginn's batch-1 decode step (README.md, "fast
 // generation"). So wide rows get more threads (up to 1024, at most kPerThread elements each) and
-// each thread issues its kPerThread loads together (a loop of fixed length): 7.6 us a call. Rows up
-// to 256 * kPerThread = 2048 keep 256 threads, and so their bits: the thread count sets the order
-// of the block's sums.
+// each thread issues its loads together: up to h = 8192 the row and both weights are read in one
+// round and kept in registers. Rows up to 256 * kPerThread = 2048 keep 256 threads, and so their
+// bits: the thread count sets the order of the block's sums.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -46,6 +46,38 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
     return y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
   };
   const int stride = blockDim.x, group = kPerThread * stride;
+  if (h <= group) {  // (every row up to 8192) the row stays in registers: one round of loads, then the two sums
+    acc_t u[kPerThread], wk[kPerThread], wn[kPerThread], a[kPerThread];
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) {
+      const int i = threadIdx.x + k * stride;
+      u[k] = u_at(i);
+      wk[k] = i < h ? acc_t(w[i]) : acc_t(0);
+      wn[k] = w_next && i < h ? acc_t(w_next[i]) : acc_t(0);
+    }
+    acc_t ss = 0;
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) ss += u[k] * u[k];
+    const acc_t r = acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps));
+    acc_t ss_next = 0;
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) {
+      const int i = threadIdx.x + k * stride;
+      const scalar_t rounded = static_cast<scalar_t>(round_to<scalar_t>(u[k] * r) * wk[k]);
+      a[k] = acc_t(rounded);
+      if (i < h) out[o + i] = rounded;
+      ss_next += a[k] * a[k];
+    }
+    if (!w_next) return;
+    const acc_t r_next = acc_t(1) / sqrt(block_sum(ss_next, shared) / h + acc_t(eps));
+#pragma unroll
+    for (int k = 0; k < kPerThread; k++) {
+      const int i = threadIdx.x + k * stride;
+      if (i < h) out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(a[k] * r_next) * wn[k]);
+    }
+    return;
+  }
+  // wider rows: the same sums in three passes over the row, a group of kPerThread per thread at a time
   acc_t ss = 0;
   for (int base = threadIdx.x; base < h; base += group) {
     acc_t u[kPerThread];
