@@ -4,8 +4,9 @@
 //
 // version 1 (eager PyTorch): ~16 kernels per sandwich sub-layer, each a full pass over (B, T, h).
 // version 2 (this file): one thread block per row. The row is small (h <= a few thousand), so it is
-//   read from global memory once and re-read from L1 for the second and third pass; two block
-//   reductions (sum of squares of x + y, then of the normalised output) in the forward.
+//   read from global memory once and kept in registers (up to h = 8192; wider rows are re-read
+//   from L1 for the second and third pass); two block reductions (sum of squares of x + y, then
+//   of the normalised output) in the forward.
 //   Backward: a persistent grid of blocks, each walking rows and keeping its partial weight grads
 //   in shared memory (no atomics, deterministic); the partials are summed by one torch.sum.
 // At decode (one row) each launch is one block: the time is the launch, which is why the op also
