@@ -42,6 +42,9 @@ from minird.model import RecurrentDepthConfig, RecurrentDepthLM
 R = 4          # core blocks
 STEPS = 4      # recurrent steps timed together (decode: r for one token; training: k grad steps)
 CACHE = 128    # decode: tokens already in the KV cache
+# the toy Huginn-shaped model of the generate() tables (h 256, heads of 64, P2 R4 C2)
+TOY_HUGINN_SHAPE = dict(vocab_size=256, block_size=512, n_embd=256, n_head=4, intermediate_size=1024,
+                        n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2)
 
 
 def bench_config(h):
@@ -302,9 +305,7 @@ def generation_rows(device, new_tokens=32):
     that agree (a random model: the share says little about a trained one)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    config = RecurrentDepthConfig(vocab_size=256, block_size=512, n_embd=256, n_head=4, intermediate_size=1024,
-                                  n_layers_in_prelude=2, n_layers_in_recurrent_block=4, n_layers_in_coda=2,
-                                  token_shift=False, init_scale=0.0)
+    config = RecurrentDepthConfig(**TOY_HUGINN_SHAPE, token_shift=False, init_scale=0.0)
     model = RecurrentDepthLM(config).to(device, dtype).eval()
     bw, _ = measure_ceilings(device)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

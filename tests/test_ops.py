@@ -126,7 +126,7 @@ def test_add_rmsnorm(device, dtype, shape):
 @pytest.mark.parametrize("h", [2049, 5280, 9000])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_add_rmsnorm_wide_rows(device, dtype, h, rows):
-    """Rows wider than 2048 get more threads on CUDA (then, past 8192, more elements per thread):
+    """Rows wider than 2048 get more threads on CUDA (past 8192, the plain passes instead of registers):
     Huginn's width 5280 among them, at decode's one row and at a few."""
     torch.manual_seed(0)
     x, y = (leaf(rows, 1, h, device=device, dtype=dtype).detach() for _ in range(2))

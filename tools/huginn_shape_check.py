@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from minird.bench import decode_floor, measure_ceilings  # noqa: E402
+from minird.bench import TOY_HUGINN_SHAPE, decode_floor, measure_ceilings  # noqa: E402
 from minird.generate import generate  # noqa: E402
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM  # noqa: E402
 from minird.pretrained import from_pretrained, save_pretrained  # noqa: E402
@@ -44,7 +44,7 @@ HUGINN = dict(n_embd=5280, n_head=55, intermediate_size=17920, vocab_size=65536,
 SMALL = dict(HUGINN, n_embd=512, n_head=8, intermediate_size=1536, n_layers_in_prelude=1,
              n_layers_in_recurrent_block=2, n_layers_in_coda=1)
 # minird.bench's toy Huginn-shaped model: there the host's per-op overhead, not the weights, sets the speed
-TOY = dict(HUGINN, n_embd=256, n_head=4, intermediate_size=1024, vocab_size=256, block_size=512)
+TOY = dict(HUGINN, **TOY_HUGINN_SHAPE)
 PROMPT_LEN = 8
 SPEED_CASES = [(1, 4), (1, 32), (16, 32), (64, 32)]  # (batch, r) that --speed times
 

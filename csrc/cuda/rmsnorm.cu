@@ -39,15 +39,14 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t shared[32];
   const int64_t o = (int64_t)blockIdx.x * h;
-  // A thread's elements are i = threadIdx.x + k * blockDim.x, taken kPerThread at a time: a loop of
-  // fixed length whose loads are all issued before their first use. Past the row's end u is 0,
-  // which adds nothing to the sums, so they are the plain loop's, in its order.
+  // A thread's elements are i = threadIdx.x + k * blockDim.x. Past the row's end u is 0, which adds
+  // nothing to the sums: the register path's sums are the plain passes', in their order.
   auto u_at = [&](int i) {
     if (i >= h) return acc_t(0);
     return y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
   };
-  const int stride = blockDim.x, group = kPerThread * stride;
-  if (h <= group) {  // (every row up to 8192) the row stays in registers: one round of loads, then the two sums
+  const int stride = blockDim.x;
+  if (h <= kPerThread * stride) {  // (every row up to 8192) the row in registers: one round of loads
     acc_t u[kPerThread], wk[kPerThread], wn[kPerThread], a[kPerThread];
 #pragma unroll
     for (int k = 0; k < kPerThread; k++) {
@@ -78,44 +77,24 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
     }
     return;
   }
-  // wider rows: the same sums in three passes over the row, a group of kPerThread per thread at a time
+  // wider rows: the same sums in three plain passes over the row
   acc_t ss = 0;
-  for (int base = threadIdx.x; base < h; base += group) {
-    acc_t u[kPerThread];
-#pragma unroll
-    for (int k = 0; k < kPerThread; k++) u[k] = u_at(base + k * stride);
-#pragma unroll
-    for (int k = 0; k < kPerThread; k++) ss += u[k] * u[k];
+  for (int i = threadIdx.x; i < h; i += stride) {
+    const acc_t u = u_at(i);
+    ss += u * u;
   }
   const acc_t r = acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps));
   acc_t ss_next = 0;
-  for (int base = threadIdx.x; base < h; base += group) {
-    acc_t u[kPerThread], wk[kPerThread];
-#pragma unroll
-    for (int k = 0; k < kPerThread; k++) {
-      const int i = base + k * stride;
-      u[k] = u_at(i);
-      wk[k] = i < h ? acc_t(w[i]) : acc_t(0);
-    }
-#pragma unroll
-    for (int k = 0; k < kPerThread; k++) {
-      const int i = base + k * stride;
-      const scalar_t a = static_cast<scalar_t>(round_to<scalar_t>(u[k] * r) * wk[k]);
-      if (i < h) out[o + i] = a;
-      ss_next += acc_t(a) * acc_t(a);
-    }
+  for (int i = threadIdx.x; i < h; i += stride) {
+    const scalar_t a = static_cast<scalar_t>(round_to<scalar_t>(u_at(i) * r) * acc_t(w[i]));
+    out[o + i] = a;
+    ss_next += acc_t(a) * acc_t(a);
   }
   if (!w_next) return;
   const acc_t r_next = acc_t(1) / sqrt(block_sum(ss_next, shared) / h + acc_t(eps));
   // each thread re-reads only the elements it wrote itself: no barrier needed
-  for (int base = threadIdx.x; base < h; base += group) {
-#pragma unroll
-    for (int k = 0; k < kPerThread; k++) {
-      const int i = base + k * stride;
-      if (i < h) {
-        out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(acc_t(out[o + i]) * r_next) * acc_t(w_next[i]));
-      }
-    }
+  for (int i = threadIdx.x; i < h; i += stride) {
+    out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(acc_t(out[o + i]) * r_next) * acc_t(w_next[i]));
   }
 }
 
