@@ -93,8 +93,8 @@ def minird_greedy(model, idx, args):
 def decode_rate(run, rows, new_tokens, device, repeats):
     """(the output of run(new_tokens), tokens/s of decoding alone): rows * (new_tokens - 1) tokens over
     the time of run(new_tokens) less that of run(1) (the prompt's forward), each the fastest of
-    `repeats` runs (other load on the machine only ever adds time: on the 2-core CPU single runs moved
-    up to 1.5x); each run once first (warm-up, and a CUDA graph's capture)."""
+    `repeats` runs (other load on the machine only ever adds time: on the shared 2-core CPU single
+    runs moved by 2-3x); each run once first (warm-up, and a CUDA graph's capture)."""
     seconds = {}
     for n in (1, new_tokens):
         run(n)

@@ -68,9 +68,9 @@
 // the critical path of B is 1.8 us (2.6 with the previous block's norm_4), C 6.7, D 2.6, E 2.1; A
 // 1.5. Phase C, the attention of a head in one block (q, the keys, the values and attn.proj's rows:
 // five dependent L2 round trips and two block reductions), is 27 us of the step.
-// Version 3, tried (commit 3544af2 on branch decode-v3, not kept): one thread block cluster of 16 blocks x 1024 threads
-// handing vectors over through distributed shared memory, D and E merged by split-K over 16 slices
-// of I (13 barriers). Right on all 375 cases of tests/test_decode.py, but slower: 83 us/step at
+// Version 3, tried (commit 3544af2 on branch decode-v3, not kept): one thread block cluster of 16
+// blocks x 1024 threads handing vectors over through distributed shared memory, D and E merged by
+// split-K over 16 slices of I (13 barriers). Right on all 375 cases of tests/test_decode.py, but slower: 83 us/step at
 // h = 256, 444 at 1024. Its cluster barrier was no cheaper (0.5-0.8 us); a norm at 1024 threads cost
 // ~1 us (block_sum adds 32 warp partials one after the other); and 16 SMs stream ~100 KB of weights
 // each per phase at ~64 bytes a cycle (its merged D: 6.4 us). What the numbers point to instead:
