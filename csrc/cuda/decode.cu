@@ -70,13 +70,13 @@
 // five dependent L2 round trips and two block reductions), is 27 us of the step.
 // Version 3, tried (commit 3544af2 on branch decode-v3, not kept): one thread block cluster of 16
 // blocks x 1024 threads handing vectors over through distributed shared memory, D and E merged by
-// split-K over 16 slices of I (13 barriers). Right on all 375 cases of tests/test_decode.py, but slower: 83 us/step at
-// h = 256, 444 at 1024. Its cluster barrier was no cheaper (0.5-0.8 us); a norm at 1024 threads cost
-// ~1 us (block_sum adds 32 warp partials one after the other); and 16 SMs stream ~100 KB of weights
-// each per phase at ~64 bytes a cycle (its merged D: 6.4 us). What the numbers point to instead:
-// phase C's keys and values before pos do not change during the launch, so they (and its attn.proj
-// rows) could be copied to shared memory (cp.async) while phase B runs, leaving C one round trip;
-// the weights stay spread over every SM.
+// split-K over 16 slices of I (13 barriers). Right on all 375 cases of tests/test_decode.py, but
+// slower: 83 us/step at h = 256, 444 at 1024. Its cluster barrier was no cheaper (0.5-0.8 us); a
+// norm at 1024 threads cost ~1 us (block_sum adds 32 warp partials one after the other); and 16 SMs
+// stream ~100 KB of weights each per phase at ~64 bytes a cycle (its merged D: 6.4 us). What the
+// numbers point to instead: phase C's keys and values before pos do not change during the launch, so
+// they (and its attn.proj rows) could be copied to shared memory (cp.async) while phase B runs,
+// leaving C one round trip; the weights stay spread over every SM.
 //
 // Limits: float32 and bfloat16; B = T = 1; R <= 16 core blocks; one launch takes at most 96
 // (step, block) cache entries, so more steps run as several launches (24 steps each at R = 4).
