@@ -18,7 +18,6 @@ step next to the table, to compare with the uninstrumented one in `python -m min
 import argparse
 import os
 import re
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -97,17 +96,8 @@ def decode_inputs(h, dtype):
 
 
 def replay_time_per_step(fn):
-    """Median us per recurrent step of fn() replayed from a CUDA graph."""
-    replay = bench.cuda_graph(fn)
-    times = []
-    for _ in range(50):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / bench.STEPS)
-    return statistics.median(times)
+    """Median us per recurrent step of fn() replayed from a CUDA graph (minird.bench's timing)."""
+    return bench.median_time(bench.cuda_graph(fn), "cuda") * 1e6 / bench.STEPS
 
 
 def main():
