@@ -104,6 +104,17 @@ def test_official_strategy_names_mean_ours(tiny_config, official, ours):
     assert torch.equal(theirs.ids, mine.ids) and torch.equal(theirs.steps, mine.steps)
 
 
+def test_generated_ids_can_be_trained_on(tiny_config):
+    """generate runs under inference_mode, but hands back ordinary tensors: a generated batch is a
+    valid training batch (inference tensors may not be saved for a backward)."""
+    model = make_model(tiny_config)
+    out = generate(model, torch.randint(0, tiny_config.vocab_size, (2, 5)), 4, num_steps=2)
+    assert not out.ids.is_inference() and not out.steps.is_inference()
+    _, loss = model(out.ids[:, :-1], out.ids[:, 1:], num_steps=2)
+    loss.backward()
+    assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
+
+
 def test_kv_cache_is_sized_to_the_work(tiny_config):
     """generate allocates prompt + new tokens positions, not block_size, and reports the bytes."""
     tiny_config.init_scale = 0.0
