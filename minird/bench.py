@@ -143,21 +143,26 @@ def step_params(model):
     return model.adapter.weight.numel() + sum(p.numel() for p in model.core.parameters())
 
 
+def decode_cache(model, device):
+    """(a KV cache holding CACHE random tokens fed at STEPS steps, its (step, core block) key
+    buffers, its value buffers), the buffers in the order decode_steps takes them. Every timed
+    call writes the new token at position CACHE (the same place each time: the cache does not grow
+    while the step is repeated)."""
+    cache = KVCache(CACHE + 1, n_core_layers=R)
+    feed(model, torch.randint(0, 256, (1, CACHE), device=device), cache, STEPS)
+    keys = [("core", step, j) for step in range(STEPS) for j in range(R)]
+    return cache, [cache.entries[key][0] for key in keys], [cache.entries[key][1] for key in keys]
+
+
 def decode_case(device, dtype, h):
     """Variants for decode (one token, KV cache of CACHE tokens), each running STEPS steps."""
     model = bench_model(h, device, dtype).eval()
     W, nh, eps = model.adapter.weight, model.core[0].attn.n_head, model.core[0].norm_1.eps
-    # The cache holds CACHE tokens; every timed call writes the new token at position CACHE (the
-    # same place each time: the cache does not grow while the step is repeated).
-    cache = KVCache(CACHE + 1, n_core_layers=R)
-    feed(model, torch.randint(0, 256, (1, CACHE), device=device), cache, STEPS)
+    cache, k_cache, v_cache = decode_cache(model, device)
     cos, sin = model.rope_cos[CACHE:CACHE + 1], model.rope_sin[CACHE:CACHE + 1]
     mask = torch.ones(1, CACHE + 1, dtype=torch.bool, device=device)  # what model.forward passes
     s = torch.randn(1, 1, h, device=device, dtype=dtype)
     e = torch.randn(1, 1, h, device=device, dtype=dtype)
-    keys = [("core", step, j) for step in range(STEPS) for j in range(R)]
-    k_cache = [cache.entries[key][0] for key in keys]
-    v_cache = [cache.entries[key][1] for key in keys]
     weights = ops.block_weights(model.core)
 
     def eager_steps(s, e):
@@ -287,12 +292,18 @@ def decode_floor(model, batch, num_steps, bandwidth):
     return batch * bandwidth / ((once + num_steps * step_params(model)) * size)
 
 
-def decode_rate(run, rows, new_tokens, device):
-    """Tokens/s of decoding alone: rows * (new_tokens - 1) tokens over the time of generating
-    new_tokens less the time of generating 1 (the prompt's forward and the first token). run(n)
-    generates n tokens; median_time warms each up first (and a CUDA graph is captured then)."""
-    seconds = {n: median_time(lambda: run(n), device, min_time=0.3, max_reps=5) for n in (1, new_tokens)}
-    return rows * (new_tokens - 1) / max(seconds[new_tokens] - seconds[1], 1e-9)
+def decode_rate(run, rows, new_tokens, device, max_reps=5):
+    """(the output of run(new_tokens), tokens/s of decoding alone): rows * (new_tokens - 1) tokens
+    over the time of generating new_tokens less the time of generating 1 (the prompt's forward and
+    the first token). run(n) generates n tokens; median_time warms each up first (and a CUDA graph
+    is captured then) and times up to max_reps runs."""
+    outputs = {}
+
+    def timed(n):
+        outputs[n] = run(n)
+
+    seconds = {n: median_time(lambda: timed(n), device, min_time=0.3, max_reps=max_reps) for n in (1, new_tokens)}
+    return outputs[new_tokens], rows * (new_tokens - 1) / max(seconds[new_tokens] - seconds[1], 1e-9)
 
 
 def generation_rows(device, new_tokens=32):
@@ -325,7 +336,7 @@ def generation_rows(device, new_tokens=32):
                 cells.append("n/a")
                 continue
             run = lambda n: generate(model, prompt, n, num_steps=r, cuda_graph=graph)  # noqa: E731
-            tok_s = decode_rate(run, batch, new_tokens if graph or r == 4 else 8, device)
+            _, tok_s = decode_rate(run, batch, new_tokens if graph or r == 4 else 8, device)
             cells.append(f"{tok_s:.0f} ({1e6 * batch / tok_s / r:.1f} us)")
         print(f"| {batch} | {r} | " + " | ".join(cells) + f" | {decode_floor(model, batch, r, bw):.0f} |", flush=True)
     model.use_kernels = True

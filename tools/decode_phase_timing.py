@@ -16,7 +16,6 @@ step next to the table, to compare with the uninstrumented one in `python -m min
 """
 
 import argparse
-import os
 import re
 import sys
 import tempfile
@@ -28,8 +27,6 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minird import bench, ops  # noqa: E402
-from minird.generate import feed  # noqa: E402
-from minird.kv_cache import KVCache  # noqa: E402
 
 MAX_BLOCKS, MAX_EVENTS = 160, 96  # stamps kept: blocks x barriers of one launch
 
@@ -84,15 +81,13 @@ def decode_inputs(h, dtype):
     a KV cache of bench.CACHE tokens, and the arguments of decode_steps for bench.STEPS steps."""
     model = bench.bench_model(h, "cuda", dtype).eval()
     W, nh, eps = model.adapter.weight, model.core[0].attn.n_head, model.core[0].norm_1.eps
-    cache = KVCache(bench.CACHE + 1, n_core_layers=bench.R)
     with torch.no_grad():
-        feed(model, torch.randint(0, 256, (1, bench.CACHE), device="cuda"), cache, bench.STEPS)
-    keys = [("core", step, j) for step in range(bench.STEPS) for j in range(bench.R)]
+        _, k_cache, v_cache = bench.decode_cache(model, "cuda")
     s = torch.randn(1, 1, h, device="cuda", dtype=dtype)
     e_proj = F.linear(torch.randn(1, 1, h, device="cuda", dtype=dtype), W[:, h:])
     pos = bench.CACHE
     return (s, e_proj, W, ops.block_weights(model.core), model.rope_cos[pos:pos + 1], model.rope_sin[pos:pos + 1],
-            [cache.entries[k][0] for k in keys], [cache.entries[k][1] for k in keys], pos, bench.STEPS, nh, eps)
+            k_cache, v_cache, pos, bench.STEPS, nh, eps)
 
 
 def replay_time_per_step(fn):

@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from minird.bench import TOY_HUGINN_SHAPE, decode_floor, measure_ceilings  # noqa: E402
+from minird.bench import TOY_HUGINN_SHAPE, decode_floor, decode_rate, measure_ceilings, sync  # noqa: E402
 from minird.cli import positive_int  # noqa: E402
 from minird.generate import generate  # noqa: E402
 from minird.model import RecurrentDepthConfig, RecurrentDepthLM  # noqa: E402
@@ -54,11 +54,6 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_peak_gb(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -76,7 +71,7 @@ def stage_save(args, device, dtype):
     t0 = time.perf_counter()
     with torch.device(device):  # initialized where it will run: a 3.5B model initializes slowly on a CPU
         model = RecurrentDepthLM(config).to(dtype)
-    synchronize(device)
+    sync(device.type)
     t1 = time.perf_counter()
     save_pretrained(model, args.folder, shard_size=int(args.shard_gb * 2**30))
     return {"parameters": model.num_params(), "init_s": t1 - t0, "save_s": time.perf_counter() - t1,
@@ -88,25 +83,6 @@ def minird_greedy(model, idx, args):
     """args.new_tokens greedy tokens after idx at args.num_steps, every token from s0 = 0."""
     model.config.init_scale = 0.0
     return generate(model, idx, args.new_tokens, num_steps=args.num_steps).ids[0, idx.size(1):].tolist()
-
-
-def decode_rate(run, rows, new_tokens, device, repeats):
-    """(the output of run(new_tokens), tokens/s of decoding alone): rows * (new_tokens - 1) tokens over
-    the time of run(new_tokens) less that of run(1) (the prompt's forward), each the fastest of
-    `repeats` runs (other load on the machine only ever adds time: on the shared 2-core CPU single
-    runs moved by 2-3x); each run once first (warm-up, and a CUDA graph's capture)."""
-    seconds = {}
-    for n in (1, new_tokens):
-        run(n)
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            out = run(n)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-        seconds[n] = min(times)
-    return out, rows * (new_tokens - 1) / (seconds[new_tokens] - seconds[1])
 
 
 def speed_prompts(vocab_size, batch, device):
@@ -132,21 +108,20 @@ def minird_speed(model, args, device):
         for path, graph, max_width in paths:
             ops.DECODE_KERNEL_MAX_WIDTH = max_width
             out, row[f"{path}_tok_s"] = decode_rate(
-                lambda n: generate(model, idx, n, num_steps=r, cuda_graph=graph).ids, batch, args.new_tokens, device,
+                lambda n: generate(model, idx, n, num_steps=r, cuda_graph=graph), batch, args.new_tokens, device,
                 args.repeats)
-            row[f"{path}_tokens"] = out[:, PROMPT_LEN:].tolist()
-            row[f"{path}_kv_cache_gb"] = generate(model, idx, args.new_tokens, num_steps=r,
-                                                  cuda_graph=graph).kv_cache_bytes / 2**30
+            row[f"{path}_tokens"] = out.ids[:, PROMPT_LEN:].tolist()
+            row[f"{path}_kv_cache_gb"] = out.kv_cache_bytes / 2**30
         ops.DECODE_KERNEL_MAX_WIDTH = default_width
         rows.append(row)
     idx = speed_prompts(model.config.vocab_size, 1, device)
     greedy = generate(model, idx, args.new_tokens, num_steps=args.num_steps).ids[0, PROMPT_LEN:]
     for inner in (4, 8):
-        synchronize(device)
+        sync(device.type)
         t0 = time.perf_counter()
         out = generate(model, idx, args.new_tokens, num_steps=args.num_steps, diffusion_forcing=True,
                        inner_recurrence=inner, max_diffusion_steps=16 * args.new_tokens)
-        synchronize(device)
+        sync(device.type)
         new = out.ids[0, PROMPT_LEN:]
         rows.append({"diffusion_inner_recurrence": inner, "tok_s": new.numel() / (time.perf_counter() - t0),
                      "forwards": out.stats.forwards, "agreement": (new == greedy[:new.numel()]).float().mean().item(),
@@ -175,13 +150,13 @@ def stage_minird(args, device, dtype):
     rss_before = peak_rss_gb()
     t0 = time.perf_counter()
     model = from_pretrained(args.folder, dtype=dtype, device=device)
-    synchronize(device)
+    sync(device.type)
     load_s, rss_after = time.perf_counter() - t0, peak_rss_gb()
     idx = prompt(model.config.vocab_size).to(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         tokens = minird_greedy(model, idx, args)
-    synchronize(device)
+    sync(device.type)
     result = {"load_s": load_s, "peak_rss_before_load_gb": rss_before, "peak_rss_gb": rss_after,
               "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0, "tokens": tokens,
               "kernels": ops.kernels_available(device.type)}
@@ -200,14 +175,14 @@ def stage_official(args, device, dtype):
     rss_before = peak_rss_gb()
     t0 = time.perf_counter()
     model = official.RavenForCausalLM.from_pretrained(args.folder, torch_dtype=dtype).to(device).eval()
-    synchronize(device)
+    sync(device.type)
     load_s, rss_after = time.perf_counter() - t0, peak_rss_gb()
     idx = prompt(model.config.vocab_size).to(device)
     greedy = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     t0 = time.perf_counter()
     out = model.generate(idx, greedy, num_steps=args.num_steps, max_new_tokens=args.new_tokens, init_scale=0.0,
                          continuous_compute=False)
-    synchronize(device)
+    sync(device.type)
     result = {"load_s": load_s, "peak_rss_before_load_gb": rss_before, "peak_rss_gb": rss_after,
               "device_peak_gb": device_peak_gb(device), "decode_s": time.perf_counter() - t0,
               "tokens": out[0, idx.size(1):].tolist()}
@@ -302,7 +277,8 @@ def main():
                         help="also time decoding at batch 1, 16 and 64 (r = 32) and batch 1 at r = 4, the plain loop "
                              "and a CUDA graph per token, and diffusion forcing; with --official, its generate too")
     parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="--speed: each timing is the fastest of this many runs")
+                        help="--speed: runs timed per case after 3 warm-ups (minird.bench.decode_rate: the median "
+                             "on a GPU, the fastest on a CPU)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # set by run_stage
     args = parser.parse_args()

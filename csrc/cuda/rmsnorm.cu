@@ -45,6 +45,11 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
     if (i >= h) return acc_t(0);
     return y ? round_to<scalar_t>(acc_t(x[o + i]) + acc_t(y[o + i])) : acc_t(x[o + i]);
   };
+  // 1 / rms from a thread's share of the sum of squares, and one element normalised and scaled
+  auto inv_rms = [&](acc_t ss) { return acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps)); };
+  auto scaled = [](acc_t v, acc_t r, acc_t weight) {
+    return static_cast<scalar_t>(round_to<scalar_t>(v * r) * weight);
+  };
   const int stride = blockDim.x;
   if (h <= kPerThread * stride) {  // (every row up to 8192) the row in registers: one round of loads
     acc_t u[kPerThread], wk[kPerThread], wn[kPerThread], a[kPerThread];
@@ -58,22 +63,22 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
     acc_t ss = 0;
 #pragma unroll
     for (int k = 0; k < kPerThread; k++) ss += u[k] * u[k];
-    const acc_t r = acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps));
+    const acc_t r = inv_rms(ss);
     acc_t ss_next = 0;
 #pragma unroll
     for (int k = 0; k < kPerThread; k++) {
       const int i = threadIdx.x + k * stride;
-      const scalar_t rounded = static_cast<scalar_t>(round_to<scalar_t>(u[k] * r) * wk[k]);
+      const scalar_t rounded = scaled(u[k], r, wk[k]);
       a[k] = acc_t(rounded);
       if (i < h) out[o + i] = rounded;
       ss_next += a[k] * a[k];
     }
     if (!w_next) return;
-    const acc_t r_next = acc_t(1) / sqrt(block_sum(ss_next, shared) / h + acc_t(eps));
+    const acc_t r_next = inv_rms(ss_next);
 #pragma unroll
     for (int k = 0; k < kPerThread; k++) {
       const int i = threadIdx.x + k * stride;
-      if (i < h) out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(a[k] * r_next) * wn[k]);
+      if (i < h) out_next[o + i] = scaled(a[k], r_next, wn[k]);
     }
     return;
   }
@@ -83,18 +88,18 @@ __global__ void add_rmsnorm_kernel(const scalar_t* __restrict__ x, const scalar_
     const acc_t u = u_at(i);
     ss += u * u;
   }
-  const acc_t r = acc_t(1) / sqrt(block_sum(ss, shared) / h + acc_t(eps));
+  const acc_t r = inv_rms(ss);
   acc_t ss_next = 0;
   for (int i = threadIdx.x; i < h; i += stride) {
-    const scalar_t a = static_cast<scalar_t>(round_to<scalar_t>(u_at(i) * r) * acc_t(w[i]));
+    const scalar_t a = scaled(u_at(i), r, acc_t(w[i]));
     out[o + i] = a;
     ss_next += acc_t(a) * acc_t(a);
   }
   if (!w_next) return;
-  const acc_t r_next = acc_t(1) / sqrt(block_sum(ss_next, shared) / h + acc_t(eps));
+  const acc_t r_next = inv_rms(ss_next);
   // each thread re-reads only the elements it wrote itself: no barrier needed
   for (int i = threadIdx.x; i < h; i += stride) {
-    out_next[o + i] = static_cast<scalar_t>(round_to<scalar_t>(acc_t(out[o + i]) * r_next) * acc_t(w_next[i]));
+    out_next[o + i] = scaled(acc_t(out[o + i]), r_next, acc_t(w_next[i]));
   }
 }
 
