@@ -27,6 +27,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minird import bench, ops  # noqa: E402
+from minird.cli import positive_int  # noqa: E402
 
 MAX_BLOCKS, MAX_EVENTS = 160, 96  # stamps kept: blocks x barriers of one launch
 
@@ -98,8 +99,10 @@ def replay_time_per_step(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=ROOT / "csrc/cuda/decode.cu", help="the kernel source")
-    parser.add_argument("--h", type=int, default=256, help="model width (heads of 64)")
+    parser.add_argument("--h", type=positive_int, default=256, help="model width, a multiple of 64 (heads of 64)")
     args = parser.parse_args()
+    if args.h % 64:
+        parser.error(f"--h must be a multiple of 64 (heads of 64), got {args.h}")
     if not torch.cuda.is_available():
         raise SystemExit("decode_phase_timing: needs a CUDA GPU")
     if not ops._HAS_DECODE_KERNEL:
