@@ -86,8 +86,8 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k + self.qk_bias[1], cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_key, k, v)  # (B, nh, T_past + T, hs)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:  # causal; one token (T = 1) attends to every key, cached ones included
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
@@ -346,7 +346,8 @@ class RecurrentDepthLM(nn.Module):
     def positions(self, idx, kv_cache=None, attention_mask=None):
         """RoPE tables and attention mask for idx (B, T), the tokens after those in kv_cache.
         attention_mask (B, T): 1 = token, 0 = left padding (None: no padding); the cache keeps it
-        for the tokens that follow. Mask: None (causal), (T, T_k) or, with padding, (B, 1, T, T_k)."""
+        for the tokens that follow. Mask: None (causal; one new token attends to every key), (T, T_k)
+        or, with padding, (B, 1, T, T_k)."""
         T = idx.size(1)
         start = kv_cache.seq_len if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -355,8 +356,9 @@ class RecurrentDepthLM(nn.Module):
             kv_cache.check_room(T)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         # New tokens attend to all cached tokens and causally among themselves.
+        # (An all-True mask for one token would cost SDPA a conversion per call: None instead.)
         causal = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-        mask = causal if start > 0 else None
+        mask = causal if start > 0 and T > 1 else None
         keys = kv_cache.add_tokens(attention_mask, T) if kv_cache is not None else attention_mask  # (B, start + T)
         if keys is not None:
             # Padding: no token attends to it. Rows share positions, which changes no score: RoPE

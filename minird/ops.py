@@ -333,8 +333,8 @@ def sandwich_blocks(x, weights, n_head, eps, cos, sin, kv_cache=None, cache_keys
         q, k, v = qk_bias_rope(F.linear(x, w["Wqkv"]), w["qk_bias"], cos, sin, n_head)
         if kv_cache is not None:
             k, v = kv_cache.update(cache_keys[j], k, v)  # (B, nh, T_past + T, hs)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:  # causal; one token attends to every key (as model.Attention)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = F.linear(y.transpose(1, 2).reshape(B, T, h), w["attn_proj"])
