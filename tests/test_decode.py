@@ -221,12 +221,14 @@ def test_zero_steps_returns_a_copy():
 @pytest.mark.parametrize("h,n_head,pos", [(96, 4, 5), (256, 4, 127), (1024, 16, 127)])
 def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
     """Every row's dot product is one warp's and every head's sums one block's, in a fixed order, so
-    the grid size (MINIRD_DECODE_BLOCKS; 1 block runs every phase's grid-stride loops alone) and
-    where the norm weights are read from (MINIRD_DECODE_NORMS_IN_SMEM=0) must not change a bit."""
+    the grid size (MINIRD_DECODE_BLOCKS; 1 block runs every phase's grid-stride loops alone), where
+    the norm weights are read from (MINIRD_DECODE_NORMS_IN_SMEM=0) and where phase C reads the keys
+    and values from (MINIRD_DECODE_KV_IN_SMEM=0: the cache in L2, not the block's staged copy; a grid
+    of 1 or 3 blocks, with more attention items than blocks, reads L2 too) must not change a bit."""
     case = Case(h, n_head, 4, 3, pos, dtype, slots=1)
     base, k_base, v_base = case.run(torch.ops.minird.decode_steps)
     for env in ({"MINIRD_DECODE_BLOCKS": "1"}, {"MINIRD_DECODE_BLOCKS": "3"}, {"MINIRD_DECODE_BLOCKS": "100000"},
-                {"MINIRD_DECODE_NORMS_IN_SMEM": "0"}):
+                {"MINIRD_DECODE_NORMS_IN_SMEM": "0"}, {"MINIRD_DECODE_KV_IN_SMEM": "0"}):
         with monkeypatch.context() as m:
             for key, value in env.items():
                 m.setenv(key, value)

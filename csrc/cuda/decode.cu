@@ -31,6 +31,10 @@
 //     C  attention + attn.proj: a block per (head, slice of proj rows). The block computes its
 //        head's attention (scores, softmax, P V) in shared memory and multiplies it by that head's
 //        hs columns of attn.proj for its rows: y_heads[head] (h). y = sum over heads comes next.
+//        The head's keys and values before pos do not change during the launch, so the block
+//        copies them into its shared memory with cp.async while phase B runs (where they fit and
+//        the block has one head: MINIRD_DECODE_KV_IN_SMEM=0 reads them from L2 instead); after
+//        the barrier it waits for q and the new key and value only.
 //                                                                                        barrier
 //     D  y = sum of y_heads; s = norm_2(s + y); norm_3; the fc GEMV, a warp per (gate row i,
 //        up row I + i) so that silu(gate) * up happens in registers  -> u (I)          barrier
@@ -202,9 +206,11 @@ __device__ inline void load_weights16(const scalar_t* p, float* f) {
   unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(p)), f);
 }
 
-template <typename scalar_t>
+// kShared: p points into this block's shared memory (phase C's copy of the keys and values)
+template <typename scalar_t, bool kShared = false>
 __device__ inline void load_data16(const scalar_t* p, float* f) {
-  unpack16<scalar_t>(__ldcg(reinterpret_cast<const uint4*>(p)), f);
+  const uint4* p4 = reinterpret_cast<const uint4*>(p);
+  unpack16<scalar_t>(kShared ? *p4 : __ldcg(p4), f);
 }
 
 template <typename scalar_t>
@@ -216,30 +222,51 @@ __device__ inline float load_weight(const scalar_t* p) {
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kShared = false>
 __device__ inline float load_data(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return __ldcg(reinterpret_cast<const float*>(p));
+    const float* pf = reinterpret_cast<const float*>(p);
+    return kShared ? *pf : __ldcg(pf);
   } else {
-    return __uint_as_float((unsigned)__ldcg(reinterpret_cast<const unsigned short*>(p)) << 16);
+    const unsigned short* ph = reinterpret_cast<const unsigned short*>(p);
+    return __uint_as_float((unsigned)(kShared ? *ph : __ldcg(ph)) << 16);
   }
 }
 
 // Two neighbouring values (d, d + 1) written during the launch; d is even, so the pair is aligned.
-template <typename scalar_t>
+template <typename scalar_t, bool kShared = false>
 __device__ inline void load_data_pair(const scalar_t* p, float* f) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const float2 v = __ldcg(reinterpret_cast<const float2*>(p));
+    const float2* p2 = reinterpret_cast<const float2*>(p);
+    const float2 v = kShared ? *p2 : __ldcg(p2);
     f[0] = v.x;
     f[1] = v.y;
   } else {
-    const unsigned word = __ldcg(reinterpret_cast<const unsigned*>(p));
+    const unsigned* pw = reinterpret_cast<const unsigned*>(p);
+    const unsigned word = kShared ? *pw : __ldcg(pw);
     f[0] = __uint_as_float(word << 16);
     f[1] = __uint_as_float(word & 0xffff0000u);
   }
 }
 
 __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80 and
+// later: the copy runs while the block goes on, until cp_async_wait_all); a plain copy before sm_80.
+__device__ inline void copy16_async(void* dst_shared, const void* src_global) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global));
+#else
+  *reinterpret_cast<uint4*>(dst_shared) = __ldcg(reinterpret_cast<const uint4*>(src_global));
+#endif
+}
+
+__device__ inline void cp_async_wait_all() {  // this thread's copies have landed (then __syncthreads for all)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
 
 // --- the pieces of a phase ---------------------------------------------------------------------
 
@@ -298,8 +325,9 @@ __device__ inline void warp_dot(const scalar_t* const (&rows)[NR], const float* 
   for (int r = 0; r < NR; r++) out[r] = warp_sum(acc[r]);
 }
 
-// One thread's dot product of a cached key row (n values written during the launch) with x (shared).
-template <typename scalar_t>
+// One thread's dot product of a cached key row (n values written during the launch, or their
+// shared copy) with x (shared).
+template <typename scalar_t, bool kShared>
 __device__ inline float thread_dot(const scalar_t* row, const float* x, int n) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   float acc = 0.f;
@@ -307,12 +335,12 @@ __device__ inline float thread_dot(const scalar_t* row, const float* x, int n) {
 #pragma unroll 8
     for (int c = 0; c < n; c += VEC) {  // (unrolled: the row's loads are issued together, one L2 wait)
       float f[VEC];
-      load_data16(row + c, f);
+      load_data16<scalar_t, kShared>(row + c, f);
 #pragma unroll
       for (int k = 0; k < VEC; k++) acc = fmaf(f[k], x[c + k], acc);
     }
   } else {
-    for (int c = 0; c < n; c++) acc = fmaf(load_data(row + c), x[c], acc);
+    for (int c = 0; c < n; c++) acc = fmaf(load_data<scalar_t, kShared>(row + c), x[c], acc);
   }
   return acc;
 }
@@ -332,6 +360,52 @@ __device__ inline void rmsnorm_block(const float* in, const scalar_t* w, const f
     out[i] = round_to<scalar_t>(round_to<scalar_t>(in[i] * r) * wi);
   }
   __syncthreads();  // the GEMV that follows reads every element
+}
+
+// One head's attention for the token at pos: att = softmax(q K^T * scale) V over keys 0 .. pos,
+// whose rows lie `stride` elements apart, in the KV cache or in the block's shared copy (kShared).
+// prob (pos + 1) and part (max(2 blockDim, hs)) are shared scratch; att (hs) is rounded as SDPA
+// stores it. q and the rows must be visible to the whole block when it starts.
+template <typename scalar_t, bool kShared>
+__device__ inline void head_attention(const scalar_t* K, const scalar_t* V, int stride, const float* q, int hs,
+                                      int pos, float scale, float* prob, float* part, float* att, float* red) {
+  // scores, a thread per key; then softmax over the pos + 1 keys
+  float m = -INFINITY;
+  for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
+    prob[t] = thread_dot<scalar_t, kShared>(K + (int64_t)t * stride, q, hs) * scale;
+    m = fmaxf(m, prob[t]);
+  }
+  m = block_max(m, red);
+  float l = 0.f;
+  for (int t = threadIdx.x; t <= pos; t += blockDim.x) {  // each thread its own keys: no barrier
+    prob[t] = expf(prob[t] - m);
+    l += prob[t];
+  }
+  l = block_sum(l, red);  // (its barriers also publish prob[] to the whole block)
+  // P V: G groups of keys, a thread per (group, pair of dimensions): neighbouring threads read
+  // neighbouring pairs of a row; then the G partial sums of each dimension are added. The key
+  // loop is unrolled so that each thread has 8 loads in flight, not one L2 wait per key.
+  const int pairs = hs / 2, G = max(1, (int)blockDim.x / pairs);
+  for (int idx = threadIdx.x; idx < G * pairs; idx += blockDim.x) {
+    const int g = idx / pairs, d = 2 * (idx % pairs);
+    float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll 8
+    for (int t = g; t <= pos; t += G) {
+      float v[2];
+      load_data_pair<scalar_t, kShared>(V + (int64_t)t * stride + d, v);
+      acc0 = fmaf(prob[t], v[0], acc0);
+      acc1 = fmaf(prob[t], v[1], acc1);
+    }
+    part[g * hs + d] = acc0;
+    part[g * hs + d + 1] = acc1;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < hs; d += blockDim.x) {
+    float acc = 0.f;
+    for (int g = 0; g < G; g++) acc += part[g * hs + d];
+    att[d] = round_to<scalar_t>(acc / l);  // SDPA's output, as stored
+  }
+  __syncthreads();
 }
 
 // --- the kernel ----------------------------------------------------------------------------------
@@ -360,6 +434,10 @@ struct DecodeParams {
   const int64_t* pos_on_device;  // (1) the position, read when the kernel starts; nullptr: pos
   int attn_chunks;  // phase C splits attn.proj's h rows into this many slices per head
   int norms_in_smem;  // the 4R norm weights fit in shared memory: copied there once, at the start
+  int kv_in_smem;     // phase C reads its head's keys and values from a shared copy made during phase B
+  int kv_stride;      // elements between rows of that copy: hs + 16 bytes (rows t read by threads t:
+                      // without the pad every 8th thread would hit the same shared-memory banks)
+  int kv_floats;      // its size in floats (0 when not kv_in_smem)
   float eps, attn_scale;
 };
 
@@ -395,7 +473,15 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
   float* att = q + round4(hs);                          // (hs) phase C: this head's attention output
   float* part = att + round4(hs);                       // (max(2 kThreads, hs)) phase C: partial sums of P V
   float* prob = part + round4(max(2 * kThreads, hs));  // (pos + 1) phase C: scores, then probabilities
-  float* norms = prob + round4(p.pos + 1);              // (R, 4, h) the norm weights, if p.norms_in_smem
+  // (2, pos + 1, kv_stride) phase C: the copy of its head's keys and values, if p.kv_in_smem
+  scalar_t* kv_rows[2] = {reinterpret_cast<scalar_t*>(prob + round4(p.pos + 1)),
+                          reinterpret_cast<scalar_t*>(prob + round4(p.pos + 1)) + (p.pos + 1) * p.kv_stride};
+  float* norms = prob + round4(p.pos + 1) + p.kv_floats;  // (R, 4, h) the norm weights, if p.norms_in_smem
+  // The launcher stages keys and values only when no block has more than one attention item: this
+  // block's is (head blockIdx.x % nh, slice blockIdx.x / nh), if it has one.
+  const bool stage_kv = p.kv_in_smem && (int)blockIdx.x < nh * p.attn_chunks;
+  constexpr int kVec = 16 / sizeof(scalar_t);  // elements per 16-byte copy
+  const int chunks_per_row = hs / kVec;        // (kv_in_smem: hs * sizeof(scalar_t) is a multiple of 16)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gwarp = blockIdx.x * kWarps + warp, n_gwarps = gridDim.x * kWarps;  // warps of the grid
 
@@ -431,6 +517,15 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
       scalar_t* v_cache = p.v_cache[step * p.R + j];
 
       // ---- B: x = norm_1(s); qkv = Wqkv x; bias + RoPE; q -> scratch, k, v -> the cache at pos ----
+      if (stage_kv) {  // phase C's keys and values before pos, copied while B runs (B does not read them)
+        const int head = blockIdx.x % nh, rows_of_head = pos * chunks_per_row;
+        for (int c = threadIdx.x; c < 2 * rows_of_head; c += blockDim.x) {
+          const int which = c / rows_of_head, t = c % rows_of_head / chunks_per_row;
+          const int offset = c % chunks_per_row * kVec;
+          const scalar_t* src = (which == 0 ? k_cache : v_cache) + ((int64_t)head * L + t) * hs + offset;
+          copy16_async(kv_rows[which] + t * p.kv_stride + offset, src);
+        }
+      }
       if (j == 0) {
         for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = __ldcg(p.s_adapted + i);
       }  // (else s is already norm_4 of the previous block, below)
@@ -479,44 +574,22 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
         const scalar_t* V = v_cache + (int64_t)head * L * hs;
         __syncthreads();  // the previous item's readers of q, prob, att are done
         for (int d = threadIdx.x; d < hs; d += blockDim.x) q[d] = __ldcg(p.q + head * hs + d);
-        __syncthreads();
-        // scores, a thread per key; then softmax over the pos + 1 keys
-        float m = -INFINITY;
-        for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
-          prob[t] = thread_dot(K + (int64_t)t * hs, q, hs) * p.attn_scale;
-          m = fmaxf(m, prob[t]);
-        }
-        m = block_max(m, red);
-        float l = 0.f;
-        for (int t = threadIdx.x; t <= pos; t += blockDim.x) {  // each thread its own keys: no barrier
-          prob[t] = expf(prob[t] - m);
-          l += prob[t];
-        }
-        l = block_sum(l, red);  // (its barriers also publish prob[] to the whole block)
-        // P V: G groups of keys, a thread per (group, pair of dimensions): neighbouring threads read
-        // neighbouring pairs of a row; then the G partial sums of each dimension are added. The key
-        // loop is unrolled so that each thread has 8 loads in flight, not one L2 wait per key.
-        const int pairs = hs / 2, G = max(1, (int)blockDim.x / pairs);
-        for (int idx = threadIdx.x; idx < G * pairs; idx += blockDim.x) {
-          const int g = idx / pairs, d = 2 * (idx % pairs);
-          float acc0 = 0.f, acc1 = 0.f;
-#pragma unroll 8
-          for (int t = g; t <= pos; t += G) {
-            float v[2];
-            load_data_pair(V + (int64_t)t * hs + d, v);
-            acc0 = fmaf(prob[t], v[0], acc0);
-            acc1 = fmaf(prob[t], v[1], acc1);
+        if (stage_kv) {  // rows 0 .. pos - 1 were copied during phase B; row pos was written there
+          for (int c = threadIdx.x; c < 2 * chunks_per_row; c += blockDim.x) {
+            const int which = c / chunks_per_row, offset = (c % chunks_per_row) * kVec;
+            const scalar_t* src = (which == 0 ? K : V) + (int64_t)pos * hs + offset;
+            *reinterpret_cast<uint4*>(kv_rows[which] + pos * p.kv_stride + offset) =
+                __ldcg(reinterpret_cast<const uint4*>(src));
           }
-          part[g * hs + d] = acc0;
-          part[g * hs + d + 1] = acc1;
+          cp_async_wait_all();
         }
         __syncthreads();
-        for (int d = threadIdx.x; d < hs; d += blockDim.x) {
-          float acc = 0.f;
-          for (int g = 0; g < G; g++) acc += part[g * hs + d];
-          att[d] = round_to<scalar_t>(acc / l);  // SDPA's output, as stored
+        if (stage_kv) {
+          head_attention<scalar_t, true>(kv_rows[0], kv_rows[1], p.kv_stride, q, hs, pos, p.attn_scale, prob, part,
+                                         att, red);
+        } else {
+          head_attention<scalar_t, false>(K, V, hs, q, hs, pos, p.attn_scale, prob, part, att, red);
         }
-        __syncthreads();
         // this head's share of attn.proj for rows r0 .. r1 - 1: y_heads[head][r] = proj[r, head cols] . att,
         // 4 rows per warp at once (a row is only hs long: one L2 wait for 4 of them)
         const int r0 = chunk * rows_per_chunk, r1 = min(h, r0 + rows_per_chunk);
@@ -629,24 +702,46 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
   if (p.norms_in_smem) smem += norms_bytes;
   TORCH_CHECK(smem + 32 * sizeof(float) <= (size_t)smem_optin, "decode_steps: h=", h, ", I=", I, ", pos=", pos,
               " need ", smem, " bytes of shared memory per block, more than this GPU's ", smem_optin);
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  }
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  TORCH_CHECK(per_sm >= 1, "decode_steps: the kernel does not fit on one SM (shared memory ", smem, " bytes)");
+
+  // The grid for a given shared memory size: blocks, and phase C's slices of attn.proj rows per head.
   const int resident = sm_count();  // one block per SM (per_sm >= 1 guarantees they fit)
   const int widest = std::max({h, 3 * h / 2, I});  // warp tasks of phases A, B, D, E
-  int blocks = std::min(resident, (widest + kWarps - 1) / kWarps);
   const int forced = env_int("MINIRD_DECODE_BLOCKS", 0);
-  if (forced > 0) blocks = std::min(forced, per_sm * resident);
-  // Phase C: a block per (head, slice of attn.proj rows). More slices use more SMs but re-read the
-  // head's keys and values once per slice: at most ~2 MB of them per phase.
   const int64_t kv_bytes = 2LL * (pos + 1) * h * (int64_t)sizeof(scalar_t);  // all heads' keys and values
-  int64_t chunks = std::max(1, blocks / nh);
-  chunks = std::min<int64_t>(chunks, (h + kWarps - 1) / kWarps);  // at least a row per warp
-  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, (2LL << 20) / kv_bytes));
-  p.attn_chunks = (int)std::max<int64_t>(1, chunks);
+  auto plan_grid = [&](size_t smem_bytes, int& blocks, int& chunks) {
+    if (smem_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
+    }
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
+    TORCH_CHECK(per_sm >= 1, "decode_steps: the kernel does not fit on one SM (shared memory ", smem_bytes, " bytes)");
+    blocks = std::min(resident, (widest + kWarps - 1) / kWarps);
+    if (forced > 0) blocks = std::min(forced, per_sm * resident);
+    // Phase C: a block per (head, slice of attn.proj rows). More slices use more SMs but re-read the
+    // head's keys and values once per slice: at most ~2 MB of them per phase.
+    int64_t c = std::max(1, blocks / nh);
+    c = std::min<int64_t>(c, (h + kWarps - 1) / kWarps);  // at least a row per warp
+    c = std::min<int64_t>(c, std::max<int64_t>(1, (2LL << 20) / kv_bytes));
+    chunks = (int)std::max<int64_t>(1, c);
+  };
+  // Phase C's keys and values in shared memory, copied during phase B: where each block has at most
+  // one attention item, the rows are whole 16-byte copies, and they fit (long contexts read L2).
+  int blocks = 0, chunks = 0;
+  p.kv_stride = hs + 16 / (int)sizeof(scalar_t);
+  const size_t kv_smem = 2 * (size_t)(pos + 1) * p.kv_stride * sizeof(scalar_t);
+  p.kv_in_smem = env_int("MINIRD_DECODE_KV_IN_SMEM", 1) != 0 && hs * sizeof(scalar_t) % 16 == 0 &&
+                 smem + kv_smem + 32 * sizeof(float) <= (size_t)smem_optin;
+  if (p.kv_in_smem) {
+    plan_grid(smem + kv_smem, blocks, chunks);
+    p.kv_in_smem = nh * chunks <= blocks;
+  }
+  if (p.kv_in_smem) {
+    smem += kv_smem;
+    p.kv_floats = (int)(kv_smem / sizeof(float));
+  } else {
+    plan_grid(smem, blocks, chunks);
+  }
+  p.attn_chunks = chunks;
 
   // All steps in one launch, unless there are more (step, block) cache entries than the kernel's
   // arguments hold: then a launch per kMaxEntries / R steps, each starting from the last one's state.
