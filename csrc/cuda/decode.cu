@@ -65,22 +65,20 @@
 // stale L1 line); only the weights use the read-only path (__ldg).
 //
 // Measured (H100, bf16, R = 4, a 128-token cache, the 4 steps of one call replayed from a CUDA
-// graph): h = 256 69 us/step (the 47-launch chain: 117), h = 1024 198-216 us/step (231). Fewer
-// blocks were slower (16: 94 us/step).
-// Where it goes (tools/decode_phase_timing.py, H200, h = 256, 2026-12-03: 69.5 us/step): the phases
-// 55.3 us and the 17 barriers 13.6 us (0.5-1.0 us each, from the last block's arrival). Per core block
-// the critical path of B is 1.8 us (2.6 with the previous block's norm_4), C 6.7, D 2.6, E 2.1; A
-// 1.5. Phase C, the attention of a head in one block (q, the keys, the values and attn.proj's rows:
-// five dependent L2 round trips and two block reductions), is 27 us of the step.
-// Version 3, tried (commit 3544af2 on branch decode-v3, not kept): one thread block cluster of 16
+// graph), before the staging of phase C: h = 256 69 us/step (the 47-launch chain: 117), h = 1024
+// 198-216 us/step (231). Fewer blocks were slower (16: 94 us/step).
+// Where it goes (tools/decode_phase_timing.py, H200, h = 256, 2026-12-03): without the staging
+// 68.7 us/step, the phases 54.8 us and the 17 barriers 12.5 us; per core block the critical path
+// of B 1.8-2.6 us, C 6.9-7.2 (q, the keys, the values, attn.proj's rows: five dependent L2 round
+// trips and two block reductions), D 2.3-2.6, E 1.5-1.8. With it 62.9 us/step: C 3.8-4.1 us, but B
+// 3.6-4.1 (the copies it issues delay its own loads); h = 1024 (instrumented) 217.6 -> 187.2.
+// Version 3, tried (commit 3544af2, not kept): one thread block cluster of 16
 // blocks x 1024 threads handing vectors over through distributed shared memory, D and E merged by
 // split-K over 16 slices of I (13 barriers). Right on all 375 cases of tests/test_decode.py, but
 // slower: 83 us/step at h = 256, 444 at 1024. Its cluster barrier was no cheaper (0.5-0.8 us); a
 // norm at 1024 threads cost ~1 us (block_sum adds 32 warp partials one after the other); and 16 SMs
-// stream ~100 KB of weights each per phase at ~64 bytes a cycle (its merged D: 6.4 us). What the
-// numbers point to instead: phase C's keys and values before pos do not change during the launch, so
-// they (and its attn.proj rows) could be copied to shared memory (cp.async) while phase B runs,
-// leaving C one round trip; the weights stay spread over every SM.
+// stream ~100 KB of weights each per phase at ~64 bytes a cycle (its merged D: 6.4 us). Hence the
+// staging instead, with the weights kept spread over every SM.
 //
 // Limits: float32 and bfloat16; B = T = 1; R <= 16 core blocks; one launch takes at most 96
 // (step, block) cache entries, so more steps run as several launches (24 steps each at R = 4).
