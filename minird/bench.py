@@ -306,6 +306,9 @@ def decode_rate(run, rows, new_tokens, device, max_reps=5):
     return outputs[new_tokens], rows * (new_tokens - 1) / max(seconds[new_tokens] - seconds[1], 1e-9)
 
 
+LOOKAHEAD = 8  # drafted tokens per round of the self-speculative rows (the official default)
+
+
 def generation_rows(device, new_tokens=32):
     """generate() greedy after a prompt of CACHE tokens, at r = 4 and 32, batch 1, 16 and 64: the
     plain loop on the reference path (eager) and on the kernels, and each token one CUDA graph
@@ -313,7 +316,8 @@ def generation_rows(device, new_tokens=32):
     recurrent step, and the floor: the weights one token reads (the prelude, coda and head once,
     the adapter and core once per step, for all rows of a batch at once) at the measured
     bandwidth. Then diffusion forcing against greedy at r = 32: tokens/s and the share of tokens
-    that agree (a random model: the share says little about a trained one)."""
+    that agree (a random model: the share says little about a trained one), and self-speculative
+    decoding with plain and graphed drafts (the share of drafts kept, likewise)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     config = RecurrentDepthConfig(**TOY_HUGINN_SHAPE, token_shift=False, init_scale=0.0)
@@ -357,6 +361,21 @@ def generation_rows(device, new_tokens=32):
         agree = (out.ids[0, CACHE:] == greedy.ids[0, CACHE:out.ids.size(1)]).float().mean().item()
         print(f"| diffusion, inner_recurrence {inner} | {(out.ids.size(1) - CACHE) / seconds:.0f} | "
               f"{out.stats.forwards} | {out.steps[0, CACHE:].float().mean():.1f} | {agree:.0%} |", flush=True)
+    print(f"\nself-speculative vs greedy, batch 1, r = 32, {new_tokens} new tokens, same model: drafts at "
+          f"draft_steps, {LOOKAHEAD} a round, verified in one forward at r = 32 (greedy's tokens up to rounding: "
+          f"the verify runs {LOOKAHEAD + 1} tokens a forward)")
+    print("| drafts | draft_steps | tokens/s (prompt included) | forwards | drafted tokens kept | tokens as greedy |")
+    print("|---|---|---|---|---|---|")
+    for draft_steps in (4, 8):
+        for graph in ((False, True) if device == "cuda" else (False,)):
+            def speculative():
+                return generate(model, prompt, new_tokens, num_steps=32, draft_steps=draft_steps,
+                                lookahead_for_draft=LOOKAHEAD, cuda_graph=graph)
+            out = speculative()
+            seconds = median_time(speculative, device, min_time=0.3, max_reps=5)
+            agree = (out.ids[0, CACHE:] == greedy.ids[0, CACHE:]).float().mean().item()
+            print(f"| {'graph replays' if graph else 'plain forwards'} | {draft_steps} | {new_tokens / seconds:.0f} | "
+                  f"{out.stats.forwards} | {out.stats.acceptance_rate:.0%} | {agree:.0%} |", flush=True)
 
 
 def main(argv):

@@ -174,8 +174,9 @@ class GenerationConfig:
     lookahead_for_draft: int = 8
     init_scale: float = None  # each token's random s0 scale (None: the model's; 0: zeros), as the official generate
     # The whole token in one CUDA graph replay (minird.graphed): "auto" on CUDA where the options
-    # allow it (greedy at a fixed r: temperature 0, criterion none, no draft_steps, no diffusion
-    # forcing); True: required (on the CPU the same static-position step runs uncaptured); False: never.
+    # allow it (greedy at a fixed r: temperature 0, criterion none, no diffusion forcing; with
+    # draft_steps the drafted tokens are the replays, the verify a plain forward); True: required (on
+    # the CPU the same static-position step runs uncaptured); False: never.
     cuda_graph: object = "auto"
     # Diffusion forcing (the official generate_diffusion_style, batch 1): a wavefront of up to
     # max_wavefront positions after the frozen tokens is iterated in parallel, inner_recurrence
@@ -217,7 +218,7 @@ class GenerationConfig:
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
         if self.cuda_graph is True and not self.graphable:
             raise ValueError("cuda_graph=True needs greedy decoding at a fixed r: temperature=0, criterion='none', "
-                             "no draft_steps, no diffusion_forcing")
+                             "no diffusion_forcing")
         if self.diffusion_forcing:
             for name in ("inner_recurrence", "max_wavefront", "headway", "max_diffusion_steps"):
                 if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -253,9 +254,13 @@ class GenerationConfig:
 
     @property
     def graphable(self):
-        """Can one token be a CUDA graph replay: greedy, at a fixed r, one token a forward."""
-        return (self.temperature == 0 and self.criterion == "none" and self.draft_steps is None
-                and not self.diffusion_forcing)
+        """Can one token be a CUDA graph replay: greedy, at a fixed r, one token a forward (with
+        draft_steps: each drafted token)."""
+        return self.temperature == 0 and self.criterion == "none" and not self.diffusion_forcing
+
+    def graphed_on(self, device):
+        """Whether generate replays tokens from a CUDA graph on device (the CPU only if required)."""
+        return self.cuda_graph is True or (self.cuda_graph == "auto" and self.graphable and device.type == "cuda")
 
 
 @dataclass
@@ -307,7 +312,7 @@ def generate(model, idx, max_new_tokens, config=None, attention_mask=None, **opt
         decode = decode_diffusion
     elif config.draft_steps is not None:
         decode = decode_speculatively
-    elif config.cuda_graph is True or (config.cuda_graph == "auto" and config.graphable and idx.is_cuda):
+    elif config.graphed_on(idx.device):
         decode = decode_graphed
     else:
         decode = decode_plainly
@@ -389,8 +394,12 @@ def decode_speculatively(model, idx, length, config, attention_mask):
     """decode_plainly's output (greedy), from rounds of: draft lookahead_for_draft tokens one at a
     time at draft_steps, then feed the last token and the drafts in one forward at num_steps (the
     verify) and keep the drafts up to the first the verifier would not have picked, then the token
-    it picks there. tests/test_generate.py checks the two decoders write the same tokens."""
-    kv_cache, stats = new_cache(model, length, config), DraftStats(forwards=1)
+    it picks there. Where generate replays graphs (config.graphed_on), each drafted token is one
+    replay of a TokenGraph at draft_steps; the verify is a plain forward. tests/test_generate.py
+    checks the two decoders write the same tokens."""
+    graph = token_graph(model, idx.size(0), length, config.draft_steps, config, attention_mask) \
+        if config.graphed_on(idx.device) else None
+    kv_cache, stats = graph.kv_cache if graph else new_cache(model, length, config), DraftStats(forwards=1)
     logits, steps, _ = feed(model, idx, kv_cache, config.num_steps, attention_mask=attention_mask,
                             init_scale=config.init_scale)
     new_ids = choose(logits[:, -1], config)  # (B, 1); later rounds add up to lookahead + 1 tokens
@@ -402,13 +411,18 @@ def decode_speculatively(model, idx, length, config, attention_mask):
             return idx, steps, stats, kv_cache
         # as many drafts as can still be kept: the verifier's next token comes on top
         lookahead = min(config.lookahead_for_draft, length - 1 - idx.size(1))
-        start, last_id, drafted = kv_cache.seq_len, idx[:, -1:], [idx[:, :0]]
-        for _ in range(lookahead):
-            draft_logits, _, _ = feed(model, last_id, kv_cache, config.draft_steps, init_scale=config.init_scale)
-            last_id = draft_logits[:, -1].argmax(dim=-1, keepdim=True)
-            drafted.append(last_id)
-        drafted = torch.cat(drafted, dim=1)  # (B, lookahead)
-        kv_cache.seq_len = start  # the verify writes the drafts' positions again, at num_steps
+        start, last_id = kv_cache.seq_len, idx[:, -1:]
+        if graph is not None:  # (the graph writes at its device position: seq_len stays at start)
+            graph.start(last_id, start)
+            drafted = graph.run(lookahead)  # (B, lookahead)
+        else:
+            drafted = [idx[:, :0]]
+            for _ in range(lookahead):
+                draft_logits, _, _ = feed(model, last_id, kv_cache, config.draft_steps, init_scale=config.init_scale)
+                last_id = draft_logits[:, -1].argmax(dim=-1, keepdim=True)
+                drafted.append(last_id)
+            drafted = torch.cat(drafted, dim=1)  # (B, lookahead)
+            kv_cache.seq_len = start  # the verify writes the drafts' positions again, at num_steps
         logits, used, _ = feed(model, torch.cat([idx[:, -1:], drafted], dim=1), kv_cache, config.num_steps,
                                init_scale=config.init_scale)
         # logits[:, i] predicts what follows drafted token i - 1
@@ -433,14 +447,11 @@ CACHE_BUCKET = 64  # a graph's cache length is prompt + new tokens rounded up to
 READ_BACK_EVERY = 8  # tokens replayed between looks at the output for stop tokens (a host sync each)
 
 
-def decode_graphed(model, idx, length, config, attention_mask):
-    """decode_plainly's tokens (greedy, fixed r), each token after the first one CUDA graph replay
-    (on the CPU: the same static-position step, uncaptured). The prompt's forward runs as usual.
-    With stop tokens the output is read back every READ_BACK_EVERY tokens, so up to that many
-    more tokens are computed than kept. Returns (ids, steps, stats, kv_cache)."""
-    B, T = idx.shape
+def token_graph(model, batch, length, num_steps, config, attention_mask):
+    """The TokenGraph of one token per row at num_steps, with an empty KV cache of length
+    positions or more: the one kept for this shape, or a new one (captured at its first run)."""
     bucket = min(model.config.block_size, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
-    shape = (B, bucket, config.num_steps, attention_mask is not None, config.continuous_compute,
+    shape = (batch, bucket, num_steps, attention_mask is not None, config.continuous_compute,
              config.cache_lookup_strategy, config.init_scale, model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
              tuple(p.data_ptr() for p in model.parameters()))  # new weight tensors need a new graph
     kept = GRAPHS.pop(model, None)  # (dropped first when the shape changed: its cache's memory is freed)
@@ -449,8 +460,19 @@ def decode_graphed(model, idx, length, config, attention_mask):
         graph.kv_cache.reset()
     else:
         del kept
-        graph = TokenGraph(model, new_cache(model, bucket, config), B, config.num_steps, config.continuous_compute,
+        graph = TokenGraph(model, new_cache(model, bucket, config), batch, num_steps, config.continuous_compute,
                            config.init_scale)
+    GRAPHS[model] = (shape, graph)
+    return graph
+
+
+def decode_graphed(model, idx, length, config, attention_mask):
+    """decode_plainly's tokens (greedy, fixed r), each token after the first one CUDA graph replay
+    (on the CPU: the same static-position step, uncaptured). The prompt's forward runs as usual.
+    With stop tokens the output is read back every READ_BACK_EVERY tokens, so up to that many
+    more tokens are computed than kept. Returns (ids, steps, stats, kv_cache)."""
+    B, T = idx.shape
+    graph = token_graph(model, B, length, config.num_steps, config, attention_mask)
     logits, steps, s = feed(model, idx, graph.kv_cache, config.num_steps, attention_mask=attention_mask,
                             init_scale=config.init_scale)  # the prompt
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -461,7 +483,6 @@ def decode_graphed(model, idx, length, config, attention_mask):
         more, done = until_all_stopped(graph.run(min(n, READ_BACK_EVERY) if config.stop_tokens else n), done,
                                        config.stop_tokens)
         new_ids = torch.cat([new_ids, more], dim=1)
-    GRAPHS[model] = (shape, graph)
     fed = torch.full((B, new_ids.size(1) - 1), config.num_steps, dtype=steps.dtype, device=steps.device)
     stats = DraftStats(forwards=new_ids.size(1))
     return torch.cat([idx, new_ids], dim=1), torch.cat([steps, fed], dim=1), stats, graph.kv_cache

@@ -92,7 +92,7 @@ class TokenGraph:
         """Feed n tokens, one after the other; returns the n tokens they chose (B, n)."""
         if self.position + n > self.kv_cache.max_len:
             raise ValueError(f"{self.position + n} tokens do not fit a KV cache of {self.kv_cache.max_len}")
-        if self.pos.is_cuda and self.graph is None:
+        if self.pos.is_cuda and self.graph is None and n > 0:
             self.capture()
         for _ in range(n):
             self.graph.replay() if self.graph is not None else self.step()
