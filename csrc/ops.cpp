@@ -68,9 +68,10 @@ TORCH_LIBRARY(minird, m) {
   // kernel launch: the decode case, where a step is otherwise dozens of dependent launches.
   // pos_on_device: None, or a (1,) int64 tensor on s's device that the kernel reads the position
   // from when it runs (pos is then only its upper bound): a CUDA graph captures one launch and
-  // replays it at every position (minird/graphed.py).
+  // replays it at every position (minird/graphed.py). e_proj and adapter_weight None: the blocks
+  // alone, without the adapter (the prelude's or the coda's blocks of one decoding token).
   m.def(
-      "decode_steps(Tensor s, Tensor e_proj, Tensor adapter_weight, Tensor[] block_weights, Tensor cos, "
+      "decode_steps(Tensor s, Tensor? e_proj, Tensor? adapter_weight, Tensor[] block_weights, Tensor cos, "
       "Tensor sin, Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, int pos, int num_steps, int n_head, float eps, "
       "Tensor? pos_on_device=None) -> Tensor");
 }

@@ -102,7 +102,8 @@ def decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_
                  pos_on_device=None):
     """recurrent_steps_cached for one new token (B = T = 1), in one CUDA kernel launch. pos_on_device:
     a (1,) int64 tensor the kernel reads the position from when it runs (pos is then its bound), so
-    that a CUDA graph can replay one captured launch at every position."""
+    that a CUDA graph can replay one captured launch at every position. e_proj and adapter_weight
+    None: the blocks alone, without the adapter (sandwich_blocks of one decoding token)."""
     return torch.ops.minird.decode_steps(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache,
                                          pos, num_steps, n_head, eps, pos_on_device)
 
@@ -158,7 +159,7 @@ def _check_steps(op, s, e_proj, adapter_weight, block_weights, num_steps, n_head
                f"k_cache and v_cache must hold num_steps * R = {num_steps * R} tensors, got {len(k_cache)} and "
                f"{len(v_cache)}")
     _check(n_head > 0 and h % n_head == 0, op, f"n_head={n_head} must divide h={h}")
-    if num_steps > 0:  # the adapter checks these when it first runs
+    if num_steps > 0 and adapter_weight is not None:  # the adapter checks these when it first runs
         _check_shape(e_proj, "adapter", "e_proj", s.shape)
         _check_shape(adapter_weight, "adapter", "weight", [h, 2 * h])
     if k_cache and num_steps > 0:
@@ -302,6 +303,8 @@ if BUILT:
     @torch.library.register_fake("minird::decode_steps")
     def _(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head, eps,
           pos_on_device=None):
+        _check((e_proj is None) == (adapter_weight is None), "decode_steps",
+               "e_proj and adapter_weight must be given together (or neither: the blocks without the adapter)")
         _check_steps("decode_steps", s, e_proj, adapter_weight, block_weights, num_steps, n_head, k_cache, v_cache,
                      pos)
         return torch.empty_like(s)
@@ -323,10 +326,12 @@ def sandwich_blocks(x, weights, n_head, eps, cos, sin, kv_cache=None, cache_keys
     the fused ops, each residual add + norm fused with the following pre-norm (norm_2 with norm_3,
     norm_4 with the next block's norm_1); block j writes its keys and values to kv_cache under
     cache_keys[j]. Matches SandwichBlock.forward, block after block."""
-    blocks = [dict(zip(BLOCK_TENSORS, weights[i:i + len(BLOCK_TENSORS)]))
-              for i in range(0, len(weights), len(BLOCK_TENSORS))]
     B, T, h = x.shape
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # a bf16 model may keep fp32 tables; the kernels take one dtype
+    if kv_cache is not None and not torch.is_grad_enabled() and _decodes_in_kernel(x, kv_cache):
+        return _blocks_in_decode_kernel(x, weights, n_head, eps, cos, sin, kv_cache, cache_keys)
+    blocks = [dict(zip(BLOCK_TENSORS, weights[i:i + len(BLOCK_TENSORS)]))
+              for i in range(0, len(weights), len(BLOCK_TENSORS))]
     s = x
     x, _ = add_rmsnorm(s, None, blocks[0]["norm_1"], None, eps)
     for j, w in enumerate(blocks):
@@ -389,15 +394,36 @@ def _use_decode_kernel(s):
     return s.device.type == "cuda" and _HAS_DECODE_KERNEL and s.size(-1) <= DECODE_KERNEL_MAX_WIDTH
 
 
+def _decodes_in_kernel(s, kv_cache):
+    """Whether one new token s (1, 1, h) after kv_cache runs in decode_steps: a single row on CUDA
+    without padding (the kernel takes no mask; one token attends to every cached key)."""
+    B, T, _ = s.shape
+    cache = kv_cache.cache if kv_cache.position_on_device else kv_cache
+    return B == 1 and T == 1 and _use_decode_kernel(s) and cache.tokens is None
+
+
+def _blocks_in_decode_kernel(x, weights, n_head, eps, cos, sin, kv_cache, cache_keys):
+    """sandwich_blocks of one new token in one decode_steps launch (one step, no adapter), at
+    kv_cache's position: the host's seq_len, or a DecodeView's device position."""
+    h = x.size(-1)
+    pairs = [kv_cache.buffers(key, 1, n_head, h // n_head, x.dtype, x.device) for key in cache_keys]
+    k_cache, v_cache = [k for k, _ in pairs], [v for _, v in pairs]
+    if kv_cache.position_on_device:  # the kernel reads the position; pos is its bound
+        pos, pos_on_device = kv_cache.cache.max_len - 1, kv_cache.pos
+    else:
+        pos, pos_on_device = kv_cache.seq_len, None
+    return decode_steps(x.contiguous(), None, None, weights, cos, sin, k_cache, v_cache, pos, 1, n_head, eps,
+                        pos_on_device)
+
+
 def _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, kv_cache):
     """Steps 0 .. num_steps - 1 in one C++ call, writing kv_cache in place; one new token on CUDA
     (decode) runs in the persistent decode_steps kernel."""
     if kv_cache is None:
         return recurrent_steps(s, e_proj, adapter_weight, weights, cos, sin, mask, num_steps, n_head, eps)
-    B, T, h = s.shape
     k_cache, v_cache = _cache_buffers(kv_cache, s, num_steps, len(weights), n_head)
     args = (k_cache, v_cache, kv_cache.seq_len, num_steps, n_head, eps)
-    if B == 1 and T == 1 and _use_decode_kernel(s):  # one token sees every cached one
+    if _decodes_in_kernel(s, kv_cache):
         return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, *args)
     return recurrent_steps_cached(s, e_proj, adapter_weight, weights, cos, sin, mask, *args)
 
@@ -407,8 +433,7 @@ def _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, c
     with no host value in any kernel argument: what a CUDA graph captures once and replays at every
     position. One row on CUDA: decode_steps reading the position from view.pos; otherwise core_step
     per step (Python runs only while the graph is captured)."""
-    B, T, h = s.shape
-    if B == 1 and T == 1 and _use_decode_kernel(s) and view.cache.tokens is None:
+    if _decodes_in_kernel(s, view):
         k_cache, v_cache = _cache_buffers(view, s, num_steps, len(weights), n_head)
         return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, view.cache.max_len - 1,
                             num_steps, n_head, eps, view.pos)

@@ -6,7 +6,8 @@ ops whose loop is its specification. CUDA only.
 Checked: the final state and the keys/values written into the cache at pos (relative error
 ||out - ref|| / ||ref||: <= 1e-5 in fp32, <= 2e-2 in bf16) over h = 64, 96, 256, 1024 (heads of
 16, 24, 48, 64), R = 1, 4, num_steps = 1, 3, pos = 0, 5, 127, with one buffer per (step, block)
-and with shared ones (compress-sN: N = R, and N = 1); the rest of every cache buffer untouched;
+and with shared ones (compress-sN: N = R, and N = 1); the blocks alone, without the adapter (the
+prelude's and coda's launch); the rest of every cache buffer untouched;
 more steps than one launch takes; the same bits for any grid size, from a CUDA graph replay, and with the
 position read from the device (one captured launch replayed at several positions);
 torch.library.opcheck; bad input fails with a message naming the argument. On failure each
@@ -83,7 +84,7 @@ class Case:
     hold random keys/values; positions >= pos hold 1000, which no correct kernel reads before it
     writes pos."""
 
-    def __init__(self, h, n_head, R, num_steps, pos, dtype, slots=None, seed=0):
+    def __init__(self, h, n_head, R, num_steps, pos, dtype, slots=None, seed=0, adapter=True):
         self.h, self.n_head, self.R, self.num_steps, self.pos, self.dtype = h, n_head, R, num_steps, pos, dtype
         self.W, self.blocks, cos, sin = core_weights(h, n_head, R, dtype)
         self.cos, self.sin = cos[pos:pos + 1], sin[pos:pos + 1]
@@ -91,6 +92,8 @@ class Case:
         randn = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(dtype)  # noqa: E731
         self.s = randn(1, 1, h)
         self.e_proj = F.linear(randn(1, 1, h), self.W[:, h:])
+        if not adapter:  # the blocks alone (the prelude's or coda's of a decoding token)
+            self.W = self.e_proj = None
         n_entries = num_steps * R
         self.slot_of = list(range(n_entries)) if slots is None else [i % slots for i in range(n_entries)]
         n_buffers = n_entries if slots is None else min(slots, n_entries)
@@ -118,7 +121,7 @@ class Case:
     def run_float64(self):
         """recurrent_steps on the same values in float64: the truth both sides are judged against in
         a failure report."""
-        d = lambda t: t.double()  # noqa: E731
+        d = lambda t: None if t is None else t.double()  # noqa: E731
         k, v = [d(b) for b in self.k0], [d(b) for b in self.v0]
         out = reference(d(self.s), d(self.e_proj), d(self.W), [d(w) for w in self.blocks], d(self.cos), d(self.sin),
                         [k[i] for i in self.slot_of], [v[i] for i in self.slot_of], self.pos, self.num_steps,
@@ -128,7 +131,12 @@ class Case:
 
 def reference(s, e_proj, W, blocks, cos, sin, *cache_and_rest):
     """The specification: recurrent_steps_cached, the loop of fused ops in csrc/ops.cpp (no mask:
-    one token sees every cached one)."""
+    one token sees every cached one). Without an adapter (W None): one whose output is s itself,
+    exactly (W_s = I, e_proj = 0: each row's dot product is one s_i times 1, plus zeros)."""
+    if W is None:
+        h = s.size(-1)
+        W = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1).to(s)
+        e_proj = torch.zeros_like(s)
     return torch.ops.minird.recurrent_steps_cached(s, e_proj, W, blocks, cos, sin, None, *cache_and_rest)
 
 
@@ -186,6 +194,25 @@ def test_decode_steps_matches_recurrent_steps(dtype, h, n_head, R, num_steps, po
     slots = {"full": None, "compress-sR": R, "compress-s1": 1}[sharing]
     case = Case(h, n_head, R, num_steps, pos, dtype, slots)
     check_against_reference(case, f"h={h} nh={n_head} R={R} steps={num_steps} pos={pos} {sharing} ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("h,n_head", SHAPES)
+@pytest.mark.parametrize("R", [1, 2])
+@pytest.mark.parametrize("pos", [0, 5, 127])
+def test_blocks_without_the_adapter(dtype, h, n_head, R, pos):
+    """e_proj and adapter_weight None (the prelude's or coda's blocks of one decoding token, one
+    step): the blocks on s itself, as recurrent_steps with an adapter that passes s through; and
+    the bits of the kernel's own run with that adapter (phase A then writes s exactly)."""
+    case = Case(h, n_head, R, 1, pos, dtype, adapter=False)
+    check_against_reference(case, f"no adapter h={h} nh={n_head} R={R} pos={pos} ")
+    out, k, v = case.run(torch.ops.minird.decode_steps)
+    with_identity = Case(h, n_head, R, 1, pos, dtype)
+    with_identity.W = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1).to(case.s)
+    with_identity.e_proj = torch.zeros_like(case.s)
+    expected, k_ref, v_ref = with_identity.run(torch.ops.minird.decode_steps)
+    assert torch.equal(out, expected), describe("s", out, expected)
+    assert all(torch.equal(a, b) for a, b in zip(k + v, k_ref + v_ref)), "the caches differ"
 
 
 @pytest.mark.parametrize("sharing", ["full", "compress-sR", "compress-s1"])
@@ -315,12 +342,12 @@ def test_position_read_from_the_device(dtype):
 
 
 def test_opcheck():
-    case = Case(96, 4, 2, 2, 5, torch.float32)
-    k = [b.clone() for b in case.k0]
-    v = [b.clone() for b in case.v0]
-    torch.library.opcheck(torch.ops.minird.decode_steps, case.args(k, v))
-    torch.library.opcheck(torch.ops.minird.decode_steps,
-                          case.args(k, v) + (torch.tensor([case.pos], device="cuda"),))
+    for case in (Case(96, 4, 2, 2, 5, torch.float32), Case(96, 4, 2, 1, 5, torch.float32, adapter=False)):
+        k = [b.clone() for b in case.k0]
+        v = [b.clone() for b in case.v0]
+        torch.library.opcheck(torch.ops.minird.decode_steps, case.args(k, v))
+        torch.library.opcheck(torch.ops.minird.decode_steps,
+                              case.args(k, v) + (torch.tensor([case.pos], device="cuda"),))
 
 
 def test_bad_input():
@@ -340,6 +367,7 @@ def test_bad_input():
         (dict(block_weights=wrong_wqkv), "block_weights[1] (attn.Wqkv of core block 0) must have shape [288, 96]"),
         (dict(adapter_weight=r(h, h)), "adapter_weight must have shape [96, 192]"),
         (dict(e_proj=good["e_proj"].double()), "e_proj must have dtype Float"),
+        (dict(e_proj=None), "e_proj and adapter_weight must be given together"),
         (dict(cos=r(1, hs)), "cos must have shape [1, 12]"),
         (dict(k_cache=good["k_cache"][:1]), "k_cache and v_cache must hold num_steps * R = 2 tensors"),
         (dict(v_cache=[good["v_cache"][0], r(1, nh, L, hs + 2)]), "v_cache[1] must have shape [1, 4, 8, 24]"),

@@ -41,6 +41,9 @@
 //     E  mlp.proj GEMV: a warp per row                         -> y_mlp (h)             barrier
 //        then s = norm_4(s + y_mlp), and the next block's norm_1 (or the next step's adapter).
 //   4R + 1 barriers per step (17 at R = 4), where the op chain had 47 launches.
+//   Without an adapter (e_proj and adapter_weight None) there is no phase A: a step is the blocks
+//   alone, on s itself. One such launch of one step runs the prelude's (or the coda's) blocks of a
+//   decoding token, where the fused ops take ~10 launches per block (ops.sandwich_blocks).
 // What each block computes redundantly, and why: the norms. A norm needs the whole h-wide vector
 // (one sum of squares), and h <= a few thousand is tiny, so instead of one more phase and one more
 // barrier per norm, EVERY block reads the few KB it needs (y_heads, y_mlp: a few KB from L2) and
@@ -108,7 +111,8 @@ constexpr int kMaxEntries = 96;     // (step, block) KV-cache entries that one l
 
 // --- argument checks (each names the op, the argument and what was expected) ----------------
 
-inline void check_decode_steps_args(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+inline void check_decode_steps_args(const at::Tensor& s, const std::optional<at::Tensor>& e_proj,
+                                    const std::optional<at::Tensor>& adapter_weight,
                                     at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
                                     at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
                                     int64_t n_head, const std::optional<at::Tensor>& pos_on_device) {
@@ -124,10 +128,14 @@ inline void check_decode_steps_args(const at::Tensor& s, const at::Tensor& e_pro
               " into heads of even size");
   const int64_t hs = h / n_head;
   TORCH_CHECK(num_steps >= 0, op, ": num_steps must be >= 0, got ", num_steps);
-  check_like(e_proj, op, "e_proj", s);
-  check_shape(e_proj, op, "e_proj", s.sizes());
-  check_like(adapter_weight, op, "adapter_weight", s);
-  check_shape(adapter_weight, op, "adapter_weight", {h, 2 * h});
+  TORCH_CHECK(e_proj.has_value() == adapter_weight.has_value(), op,
+              ": e_proj and adapter_weight must be given together (or neither: the blocks without the adapter)");
+  if (adapter_weight) {
+    check_like(*e_proj, op, "e_proj", s);
+    check_shape(*e_proj, op, "e_proj", s.sizes());
+    check_like(*adapter_weight, op, "adapter_weight", s);
+    check_shape(*adapter_weight, op, "adapter_weight", {h, 2 * h});
+  }
   check_like(cos, op, "cos", s);
   check_shape(cos, op, "cos", {1, hs / 2});
   check_like(sin, op, "sin", s);
@@ -416,7 +424,8 @@ struct DecodeParams {
   const scalar_t* s_in;     // (h) the state entering this launch's first step
   scalar_t* s_out;          // (h) the state after its last step
   const scalar_t* e_proj;   // (h) W_e e
-  const scalar_t* adapter;  // (h, 2h) [W_s W_e]: only W_s, the first h columns of each row, is read
+  const scalar_t* adapter;  // (h, 2h) [W_s W_e]: only W_s, the first h columns of each row, is read;
+                            // nullptr: no adapter, a step is the blocks alone (the prelude, the coda)
   const scalar_t* cos;      // (hs/2) the angles of position pos
   const scalar_t* sin;
   const scalar_t* w[kMaxCoreBlocks][bw::COUNT];  // each core block's tensors, BlockWeight order
@@ -433,9 +442,6 @@ struct DecodeParams {
   int attn_chunks;  // phase C splits attn.proj's h rows into this many slices per head
   int norms_in_smem;  // the 4R norm weights fit in shared memory: copied there once, at the start
   int kv_in_smem;     // phase C reads its head's keys and values from a shared copy made during phase B
-  int kv_stride;      // elements between rows of that copy: hs + 16 bytes (rows t read by threads t:
-                      // without the pad every 8th thread would hit the same shared-memory banks)
-  int kv_floats;      // its size in floats (0 when not kv_in_smem)
   float eps, attn_scale;
 };
 
@@ -449,6 +455,17 @@ __host__ __device__ inline int round4(int n) { return (n + 3) / 4 * 4; }
 // weights (4 per core block) come last, when the launcher keeps them there.
 inline int decode_smem_floats(int h, int I, int hs, int pos) {
   return round4(h) + round4(std::max(h, I)) + 2 * round4(hs) + round4(std::max(2 * kThreads, hs)) + round4(pos + 1);
+}
+// Phase C's copy of one head's keys and values (rows 0 .. pos): elements between rows, hs + 16
+// bytes (rows t are read by threads t: without the pad every 8th thread would hit the same
+// shared-memory banks), and its size in floats.
+template <typename scalar_t>
+__host__ __device__ inline int kv_row_stride(int hs) {
+  return hs + 16 / (int)sizeof(scalar_t);
+}
+template <typename scalar_t>
+__host__ __device__ inline int kv_smem_floats(int hs, int pos) {
+  return 2 * (pos + 1) * kv_row_stride<scalar_t>(hs) * (int)sizeof(scalar_t) / (int)sizeof(float);
 }
 constexpr int kNormsPerBlock = 4;  // norm_1 .. norm_4: the h-wide weights of a core block
 __host__ __device__ inline int norm_slot(int which) {  // BlockWeight index -> slot in the shared copy
@@ -472,9 +489,11 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
   float* part = att + round4(hs);                       // (max(2 kThreads, hs)) phase C: partial sums of P V
   float* prob = part + round4(max(2 * kThreads, hs));  // (pos + 1) phase C: scores, then probabilities
   // (2, pos + 1, kv_stride) phase C: the copy of its head's keys and values, if p.kv_in_smem
-  scalar_t* kv_rows[2] = {reinterpret_cast<scalar_t*>(prob + round4(p.pos + 1)),
-                          reinterpret_cast<scalar_t*>(prob + round4(p.pos + 1)) + (p.pos + 1) * p.kv_stride};
-  float* norms = prob + round4(p.pos + 1) + p.kv_floats;  // (R, 4, h) the norm weights, if p.norms_in_smem
+  const int kv_stride = kv_row_stride<scalar_t>(hs);
+  scalar_t* kv_rows[2] = {reinterpret_cast<scalar_t*>(prob + round4(p.pos + 1)), nullptr};
+  kv_rows[1] = kv_rows[0] + (p.pos + 1) * kv_stride;
+  // (R, 4, h) the norm weights, if p.norms_in_smem
+  float* norms = prob + round4(p.pos + 1) + (p.kv_in_smem ? kv_smem_floats<scalar_t>(hs, p.pos) : 0);
   // The launcher stages keys and values only when no block has more than one attention item: this
   // block's is (head blockIdx.x % nh, slice blockIdx.x / nh), if it has one.
   const bool stage_kv = p.kv_in_smem && (int)blockIdx.x < nh * p.attn_chunks;
@@ -500,14 +519,16 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
 
   for (int step = 0; step < p.num_steps; step++) {
     // ---- A: s_adapted = W_s s + e_proj (one rounding, as addmm) ----
-    for (int r = gwarp; r < h; r += n_gwarps) {
-      const float e = load_weight(p.e_proj + r);  // (loaded first: its wait overlaps the row's)
-      const scalar_t* rows[1] = {p.adapter + (int64_t)r * 2 * h};
-      float dot[1];
-      warp_dot<scalar_t, 1>(rows, s, h, dot);
-      if (lane == 0) p.s_adapted[r] = round_to<scalar_t>(dot[0] + e);
+    if (p.adapter != nullptr) {
+      for (int r = gwarp; r < h; r += n_gwarps) {
+        const float e = load_weight(p.e_proj + r);  // (loaded first: its wait overlaps the row's)
+        const scalar_t* rows[1] = {p.adapter + (int64_t)r * 2 * h};
+        float dot[1];
+        warp_dot<scalar_t, 1>(rows, s, h, dot);
+        if (lane == 0) p.s_adapted[r] = round_to<scalar_t>(dot[0] + e);
+      }
+      grid.sync();
     }
-    grid.sync();
 
     for (int j = 0; j < p.R; j++) {
       const scalar_t* const* w = p.w[j];
@@ -521,12 +542,12 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
           const int which = c / rows_of_head, t = c % rows_of_head / chunks_per_row;
           const int offset = c % chunks_per_row * kVec;
           const scalar_t* src = (which == 0 ? k_cache : v_cache) + ((int64_t)head * L + t) * hs + offset;
-          copy16_async(kv_rows[which] + t * p.kv_stride + offset, src);
+          copy16_async(kv_rows[which] + t * kv_stride + offset, src);
         }
       }
-      if (j == 0) {
+      if (j == 0 && p.adapter != nullptr) {
         for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = __ldcg(p.s_adapted + i);
-      }  // (else s is already norm_4 of the previous block, below)
+      }  // (else s is already the input, or norm_4 of the previous block, below)
       rmsnorm_block<scalar_t>(s, w[bw::NORM_1], norm_w(j, bw::NORM_1), x, h, eps, red);
       for (int pair = gwarp; pair < 3 * h / 2; pair += n_gwarps) {
         const int row = 2 * pair;  // rows (row, row + 1) of Wqkv: one rotation pair (x[2i], x[2i+1])
@@ -576,14 +597,14 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
           for (int c = threadIdx.x; c < 2 * chunks_per_row; c += blockDim.x) {
             const int which = c / chunks_per_row, offset = (c % chunks_per_row) * kVec;
             const scalar_t* src = (which == 0 ? K : V) + (int64_t)pos * hs + offset;
-            *reinterpret_cast<uint4*>(kv_rows[which] + pos * p.kv_stride + offset) =
+            *reinterpret_cast<uint4*>(kv_rows[which] + pos * kv_stride + offset) =
                 __ldcg(reinterpret_cast<const uint4*>(src));
           }
           cp_async_wait_all();
         }
         __syncthreads();
         if (stage_kv) {
-          head_attention<scalar_t, true>(kv_rows[0], kv_rows[1], p.kv_stride, q, hs, pos, p.attn_scale, prob, part,
+          head_attention<scalar_t, true>(kv_rows[0], kv_rows[1], kv_stride, q, hs, pos, p.attn_scale, prob, part,
                                          att, red);
         } else {
           head_attention<scalar_t, false>(K, V, hs, q, hs, pos, p.attn_scale, prob, part, att, red);
@@ -657,7 +678,8 @@ inline int env_int(const char* name, int fallback) {  // read at every call: a b
 }
 
 template <typename scalar_t>
-void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e_proj,
+                         const std::optional<at::Tensor>& adapter_weight,
                          at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
                          at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
                          int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device,
@@ -674,8 +696,8 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
   p.y_heads = p.q + h;
   p.u = p.y_heads + nh * h;
   p.y_mlp = p.u + I;
-  p.e_proj = e_proj.data_ptr<scalar_t>();
-  p.adapter = adapter_weight.data_ptr<scalar_t>();
+  p.e_proj = e_proj ? e_proj->data_ptr<scalar_t>() : nullptr;
+  p.adapter = adapter_weight ? adapter_weight->data_ptr<scalar_t>() : nullptr;
   p.cos = cos.data_ptr<scalar_t>();
   p.sin = sin.data_ptr<scalar_t>();
   for (int j = 0; j < R; j++) {
@@ -725,8 +747,7 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
   // Phase C's keys and values in shared memory, copied during phase B: where each block has at most
   // one attention item, the rows are whole 16-byte copies, and they fit (long contexts read L2).
   int blocks = 0, chunks = 0;
-  p.kv_stride = hs + 16 / (int)sizeof(scalar_t);
-  const size_t kv_smem = 2 * (size_t)(pos + 1) * p.kv_stride * sizeof(scalar_t);
+  const size_t kv_smem = sizeof(float) * kv_smem_floats<scalar_t>(hs, (int)pos);
   p.kv_in_smem = env_int("MINIRD_DECODE_KV_IN_SMEM", 1) != 0 && hs * sizeof(scalar_t) % 16 == 0 &&
                  smem + kv_smem + 32 * sizeof(float) <= (size_t)smem_optin;
   if (p.kv_in_smem) {
@@ -735,7 +756,6 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
   }
   if (p.kv_in_smem) {
     smem += kv_smem;
-    p.kv_floats = (int)(kv_smem / sizeof(float));
   } else {
     plan_grid(smem, blocks, chunks);
   }
@@ -762,7 +782,8 @@ void launch_decode_steps(const at::Tensor& s, const at::Tensor& e_proj, const at
 
 }  // namespace
 
-at::Tensor decode_steps_cuda(const at::Tensor& s, const at::Tensor& e_proj, const at::Tensor& adapter_weight,
+at::Tensor decode_steps_cuda(const at::Tensor& s, const std::optional<at::Tensor>& e_proj,
+                             const std::optional<at::Tensor>& adapter_weight,
                              at::TensorList block_weights, const at::Tensor& cos, const at::Tensor& sin,
                              at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
                              int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device) {
