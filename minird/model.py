@@ -310,8 +310,15 @@ class RecurrentDepthLM(nn.Module):
 
     def readout(self, s, cos, sin, kv_cache=None, mask=None):
         """Final state s (B, T, h) -> logits (B, T, vocab), fp32: ln_f, coda, ln_f, tied head."""
-        x = self.outer_blocks(self.coda, "coda", self.ln_f(s), cos, sin, kv_cache, mask)
-        return self.lm_head(self.ln_f(x)).float()
+        x = self.outer_blocks(self.coda, "coda", self.final_norm(s, kv_cache), cos, sin, kv_cache, mask)
+        return self.lm_head(self.final_norm(x, kv_cache)).float()
+
+    def final_norm(self, x, kv_cache=None):
+        """ln_f. While decoding on the kernels (as outer_blocks) it is the fused norm: one launch,
+        where RMSNorm.forward is six."""
+        if kv_cache is not None and self.use_kernels and ops.kernels_available(x.device.type):
+            return ops.add_rmsnorm(x, None, self.ln_f.weight, None, self.config.norm_eps)[0]
+        return self.ln_f(x)
 
     def outer_blocks(self, blocks, stage, x, cos, sin, kv_cache=None, mask=None):
         """x through the prelude's or the coda's blocks (stage names their cache entries). While
@@ -355,18 +362,20 @@ class RecurrentDepthLM(nn.Module):
         if kv_cache is not None:
             kv_cache.check_room(T)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        # New tokens attend to all cached tokens and causally among themselves.
-        # (An all-True mask for one token would cost SDPA a conversion per call: None instead.)
-        causal = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-        mask = causal if start > 0 and T > 1 else None
         keys = kv_cache.add_tokens(attention_mask, T) if kv_cache is not None else attention_mask  # (B, start + T)
+        if keys is None and (start == 0 or T == 1):
+            # SDPA's is_causal; one token attends to every key (an all-True mask would cost SDPA a
+            # conversion per call)
+            return cos, sin, None
+        # New tokens attend to all cached tokens and causally among themselves.
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
         if keys is not None:
             # Padding: no token attends to it. Rows share positions, which changes no score: RoPE
             # is relative. A padding query attends to itself only: a row of False would make SDPA
             # return NaN, and NaN values poison the output even under a zero weight.
             pos = torch.arange(start + T, device=idx.device)
             itself = pos[start:, None] == pos  # (T, start + T)
-            mask = causal & (keys.bool()[:, None, None, :] | itself)  # (B, 1, T, start + T)
+            mask = mask & (keys.bool()[:, None, None, :] | itself)  # (B, 1, T, start + T)
         return cos, sin, mask
 
     def per_step_loss(self, e, num_steps, cos, sin, targets, target_lookups, init_scale, mask=None):
