@@ -78,10 +78,14 @@
 // Version 3, tried (commit 3544af2, not kept): one thread block cluster of 16
 // blocks x 1024 threads handing vectors over through distributed shared memory, D and E merged by
 // split-K over 16 slices of I (13 barriers). Right on all 375 cases of tests/test_decode.py, but
-// slower: 83 us/step at h = 256, 444 at 1024. Its cluster barrier was no cheaper (0.5-0.8 us); a
+// slower: 83 us/step at h = 256, 444 at 1024. Its cluster barriers took 0.5-0.8 us in the stamps; a
 // norm at 1024 threads cost ~1 us (block_sum adds 32 warp partials one after the other); and 16 SMs
 // stream ~100 KB of weights each per phase at ~64 bytes a cycle (its merged D: 6.4 us). Hence the
 // staging instead, with the weights kept spread over every SM.
+// What a barrier costs alone (tools/barrier_cost.py, H200, 2026-12-04): grid.sync() at 132 blocks
+// 0.98 us, an empty cluster.sync() of 16 blocks 0.21 us. So version 3's barriers were mostly the
+// wait for late blocks; and this kernel's 4R + 1 grid barriers, empty, are 16.7 us a step: a step
+// of <= 15 us needs the cluster's hardware barrier, with its weight streaming hidden.
 //
 // Limits: float32 and bfloat16; B = T = 1; R <= 16 core blocks; one launch takes at most 96
 // (step, block) cache entries, so more steps run as several launches (24 steps each at R = 4).
