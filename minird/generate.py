@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.graphed import TokenGraph
+from minird.graphed import TokenGraph, VerifyGraph
 from minird.kv_cache import KVCache, parse_lookup_strategy
 
 # -----------------------------------------------------------------------------
@@ -175,8 +175,8 @@ class GenerationConfig:
     init_scale: float = None  # each token's random s0 scale (None: the model's; 0: zeros), as the official generate
     # The whole token in one CUDA graph replay (minird.graphed): "auto" on CUDA where the options
     # allow it (greedy at a fixed r: temperature 0, criterion none, no diffusion forcing; with
-    # draft_steps the drafted tokens are the replays, the verify a plain forward); True: required (on
-    # the CPU the same static-position step runs uncaptured); False: never.
+    # draft_steps each drafted token and each verify is a replay); True: required (on the CPU the
+    # same static-position step runs uncaptured); False: never.
     cuda_graph: object = "auto"
     # Diffusion forcing (the official generate_diffusion_style, batch 1): a wavefront of up to
     # max_wavefront positions after the frozen tokens is iterated in parallel, inner_recurrence
@@ -395,11 +395,17 @@ def decode_speculatively(model, idx, length, config, attention_mask):
     time at draft_steps, then feed the last token and the drafts in one forward at num_steps (the
     verify) and keep the drafts up to the first the verifier would not have picked, then the token
     it picks there. Where generate replays graphs (config.graphed_on), each drafted token is one
-    replay of a TokenGraph at draft_steps; the verify is a plain forward. tests/test_generate.py
-    checks the two decoders write the same tokens."""
-    graph = token_graph(model, idx.size(0), length, config.draft_steps, config, attention_mask) \
-        if config.graphed_on(idx.device) else None
-    kv_cache, stats = graph.kv_cache if graph else new_cache(model, length, config), DraftStats(forwards=1)
+    replay of a TokenGraph at draft_steps and each verify of lookahead_for_draft drafts one replay
+    of a VerifyGraph (a shorter one, at the end, a plain forward). tests/test_generate.py checks
+    the two decoders write the same tokens."""
+    B = idx.size(0)
+    draft_graph = verify_graph = None
+    if config.graphed_on(idx.device):
+        draft_graph, verify_graph = kept_graphs(model, B, length, config, attention_mask, lambda cache: (
+            TokenGraph(model, cache, B, config.draft_steps, init_scale=config.init_scale),
+            VerifyGraph(model, cache, B, config.num_steps, config.lookahead_for_draft + 1, config.init_scale)))
+    kv_cache = draft_graph.kv_cache if draft_graph else new_cache(model, length, config)
+    stats = DraftStats(forwards=1)
     logits, steps, _ = feed(model, idx, kv_cache, config.num_steps, attention_mask=attention_mask,
                             init_scale=config.init_scale)
     new_ids = choose(logits[:, -1], config)  # (B, 1); later rounds add up to lookahead + 1 tokens
@@ -412,9 +418,9 @@ def decode_speculatively(model, idx, length, config, attention_mask):
         # as many drafts as can still be kept: the verifier's next token comes on top
         lookahead = min(config.lookahead_for_draft, length - 1 - idx.size(1))
         start, last_id = kv_cache.seq_len, idx[:, -1:]
-        if graph is not None:  # (the graph writes at its device position: seq_len stays at start)
-            graph.start(last_id, start)
-            drafted = graph.run(lookahead)  # (B, lookahead)
+        if draft_graph is not None:  # (the graph writes at its device position: seq_len stays at start)
+            draft_graph.start(last_id, start)
+            drafted = draft_graph.run(lookahead)  # (B, lookahead)
         else:
             drafted = [idx[:, :0]]
             for _ in range(lookahead):
@@ -423,14 +429,19 @@ def decode_speculatively(model, idx, length, config, attention_mask):
                 drafted.append(last_id)
             drafted = torch.cat(drafted, dim=1)  # (B, lookahead)
             kv_cache.seq_len = start  # the verify writes the drafts' positions again, at num_steps
-        logits, used, _ = feed(model, torch.cat([idx[:, -1:], drafted], dim=1), kv_cache, config.num_steps,
-                               init_scale=config.init_scale)
-        # logits[:, i] predicts what follows drafted token i - 1
-        agree = (logits[:, :-1].argmax(dim=-1) == drafted).cumprod(dim=1).sum(dim=1)  # (B,)
+        fed = torch.cat([idx[:, -1:], drafted], dim=1)  # (B, lookahead + 1): the last token, the drafts
+        if verify_graph is not None and fed.size(1) == verify_graph.width:
+            chosen = verify_graph.run(fed, start)  # (seq_len stays at start)
+            used = torch.full_like(chosen, config.num_steps)
+        else:
+            logits, used, _ = feed(model, fed, kv_cache, config.num_steps, init_scale=config.init_scale)
+            chosen = logits.argmax(dim=-1)  # (greedy: what choose picks at temperature 0)
+        # chosen[:, i]: the verifier's token after fed token i, to compare with drafted token i
+        agree = (chosen[:, :-1] == drafted).cumprod(dim=1).sum(dim=1)  # (B,)
         n = int(agree.min())  # a batch keeps the shortest agreeing prefix of its rows
         kv_cache.seq_len = start + n + 1  # roll back past the drafted tokens not kept
         steps = torch.cat([steps, used[:, :n + 1]], dim=1)
-        new_ids = torch.cat([drafted[:, :n], choose(logits[:, n], config)], dim=1)
+        new_ids = torch.cat([drafted[:, :n], chosen[:, n:n + 1]], dim=1)
         stats.forwards += lookahead + 1
         stats.rounds += lookahead > 0
         stats.drafted += lookahead
@@ -447,23 +458,24 @@ CACHE_BUCKET = 64  # a graph's cache length is prompt + new tokens rounded up to
 READ_BACK_EVERY = 8  # tokens replayed between looks at the output for stop tokens (a host sync each)
 
 
-def token_graph(model, batch, length, num_steps, config, attention_mask):
-    """The TokenGraph of one token per row at num_steps, with an empty KV cache of length
-    positions or more: the one kept for this shape, or a new one (captured at its first run)."""
+def kept_graphs(model, batch, length, config, attention_mask, build):
+    """The tuple of graphs build(kv_cache) makes (a TokenGraph; or a draft and a verify graph), on
+    one empty KV cache of length positions or more: the ones kept for this shape, or new ones
+    (each captured at its first run)."""
     bucket = min(model.config.block_size, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
-    shape = (batch, bucket, num_steps, attention_mask is not None, config.continuous_compute,
-             config.cache_lookup_strategy, config.init_scale, model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
+    shape = (batch, bucket, config.num_steps, config.draft_steps, config.lookahead_for_draft,
+             attention_mask is not None, config.continuous_compute, config.cache_lookup_strategy, config.init_scale,
+             model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
              tuple(p.data_ptr() for p in model.parameters()))  # new weight tensors need a new graph
     kept = GRAPHS.pop(model, None)  # (dropped first when the shape changed: its cache's memory is freed)
     if kept is not None and kept[0] == shape:
-        graph = kept[1]
-        graph.kv_cache.reset()
+        graphs = kept[1]
+        graphs[0].kv_cache.reset()
     else:
         del kept
-        graph = TokenGraph(model, new_cache(model, bucket, config), batch, num_steps, config.continuous_compute,
-                           config.init_scale)
-    GRAPHS[model] = (shape, graph)
-    return graph
+        graphs = build(new_cache(model, bucket, config))
+    GRAPHS[model] = (shape, graphs)
+    return graphs
 
 
 def decode_graphed(model, idx, length, config, attention_mask):
@@ -472,7 +484,8 @@ def decode_graphed(model, idx, length, config, attention_mask):
     With stop tokens the output is read back every READ_BACK_EVERY tokens, so up to that many
     more tokens are computed than kept. Returns (ids, steps, stats, kv_cache)."""
     B, T = idx.shape
-    graph = token_graph(model, B, length, config.num_steps, config, attention_mask)
+    graph, = kept_graphs(model, B, length, config, attention_mask, lambda cache: (TokenGraph(
+        model, cache, B, config.num_steps, config.continuous_compute, config.init_scale),))
     logits, steps, s = feed(model, idx, graph.kv_cache, config.num_steps, attention_mask=attention_mask,
                             init_scale=config.init_scale)  # the prompt
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)

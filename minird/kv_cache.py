@@ -165,39 +165,40 @@ class KVCache:
 
 
 class DecodeView:
-    """A KVCache seen by ONE new token per row whose position is a device tensor pos (1,) instead
-    of the host int seq_len: writes go to position pos (index_copy_), attention reads all max_len
-    positions under mask() (those up to pos, without padding). Every shape and kernel argument is
-    then the same at every position, so one token's forward can be captured once in a CUDA graph
-    and replayed for each token (minird.graphed). The cache's own seq_len is not moved."""
+    """A KVCache seen by new tokens whose positions are a device tensor instead of the host int
+    seq_len: writes go to those positions (index_copy_), attention reads all max_len positions
+    under mask() (those up to each token's own, without padding). Every shape and kernel argument
+    is then the same at every position, so the forward can be captured once in a CUDA graph and
+    replayed at each (minird.graphed: one decoding token, or the verify of drafted tokens). The
+    cache's own seq_len is not moved."""
 
     position_on_device = True
 
-    def __init__(self, cache, pos):
+    def __init__(self, cache, positions):
         self.cache = cache
-        self.pos = pos  # (1,) int64, on the cache's device
-        self.key_positions = torch.arange(cache.max_len, device=pos.device)
+        self.positions = positions  # (T,) int64 on the cache's device: the new tokens', consecutive
+        self.key_positions = torch.arange(cache.max_len, device=positions.device)
 
     def buffers(self, key, batch, n_head, head_dim, dtype, device):
         return self.cache.buffers(key, batch, n_head, head_dim, dtype, device)
 
     def update(self, key, k, v):
-        """Write k, v (B, nh, 1, hs) at position pos of key's entry; return its whole buffers
-        (B, nh, max_len, hs), which mask() restricts to positions 0 .. pos."""
+        """Write k, v (B, nh, T, hs) at the new tokens' positions of key's entry; return its whole
+        buffers (B, nh, max_len, hs), which mask() restricts to the keys each token sees."""
         B, nh, _, hs = k.shape
         k_buf, v_buf = self.buffers(key, B, nh, hs, k.dtype, k.device)
-        k_buf.index_copy_(2, self.pos, k)
-        v_buf.index_copy_(2, self.pos, v)
+        k_buf.index_copy_(2, self.positions, k)
+        v_buf.index_copy_(2, self.positions, v)
         return k_buf, v_buf
 
     def shift_in(self, x):
-        """KVCache.shift_in at position pos >= 1 (decode always follows a prompt)."""
-        self.cache.embeddings.index_copy_(1, self.pos, x)
-        return self.cache.embeddings.index_select(1, self.pos - 1)
+        """KVCache.shift_in at positions >= 1 (decoding always follows a prompt)."""
+        self.cache.embeddings.index_copy_(1, self.positions, x)
+        return self.cache.embeddings.index_select(1, self.positions[:1] - 1)
 
     def mask(self):
-        """(B or 1, 1, 1, max_len) bool: the keys the token at pos attends to."""
-        keys = (self.key_positions <= self.pos)[None]  # (1, max_len)
-        if self.cache.tokens is not None:
-            keys = keys & self.cache.tokens
-        return keys[:, None, None, :]
+        """(B or 1, 1, T, max_len) bool: the keys each new token attends to (causal: up to its own
+        position), without the prompt's padding."""
+        keys = self.key_positions <= self.positions[:, None]  # (T, max_len)
+        keys = keys[None] if self.cache.tokens is None else keys & self.cache.tokens[:, None, :]
+        return keys[:, None]

@@ -409,7 +409,7 @@ def _blocks_in_decode_kernel(x, weights, n_head, eps, cos, sin, kv_cache, cache_
     pairs = [kv_cache.buffers(key, 1, n_head, h // n_head, x.dtype, x.device) for key in cache_keys]
     k_cache, v_cache = [k for k, _ in pairs], [v for _, v in pairs]
     if kv_cache.position_on_device:  # the kernel reads the position; pos is its bound
-        pos, pos_on_device = kv_cache.cache.max_len - 1, kv_cache.pos
+        pos, pos_on_device = kv_cache.cache.max_len - 1, kv_cache.positions
     else:
         pos, pos_on_device = kv_cache.seq_len, None
     return decode_steps(x.contiguous(), None, None, weights, cos, sin, k_cache, v_cache, pos, 1, n_head, eps,
@@ -429,14 +429,15 @@ def _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mas
 
 
 def _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, view):
-    """The steps of one new token per row whose position is a device tensor (a kv_cache.DecodeView),
-    with no host value in any kernel argument: what a CUDA graph captures once and replays at every
-    position. One row on CUDA: decode_steps reading the position from view.pos; otherwise core_step
-    per step (Python runs only while the graph is captured)."""
+    """The steps of new tokens whose positions are a device tensor (a kv_cache.DecodeView: one token
+    per row while decoding, or a verify's drafts), with no host value in any kernel argument: what
+    a CUDA graph captures once and replays at every position. One token of one row on CUDA:
+    decode_steps reading the position from view.positions; otherwise core_step per step (Python
+    runs only while the graph is captured)."""
     if _decodes_in_kernel(s, view):
         k_cache, v_cache = _cache_buffers(view, s, num_steps, len(weights), n_head)
         return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, view.cache.max_len - 1,
-                            num_steps, n_head, eps, view.pos)
+                            num_steps, n_head, eps, view.positions)
     for step in range(num_steps):
         s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, view, mask)
     return s

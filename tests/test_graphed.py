@@ -95,9 +95,10 @@ def test_graph_is_kept_for_the_same_shape(tiny_config, device):
 @pytest.mark.parametrize("device,use_kernels", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graphed_drafts_are_plain_greedy(tiny_config, device, use_kernels, batch):
-    """Self-speculative decoding whose drafted tokens are graph replays at draft_steps (the verify
-    a plain forward): plain greedy decoding's tokens and steps, to the end of the context and with
-    left-padded prompts, and the drafting statistics of plainly fed drafts."""
+    """Self-speculative decoding whose drafted tokens are graph replays at draft_steps and whose
+    verifies are replays of a graph of lookahead + 1 tokens (the shorter last ones plain forwards):
+    plain greedy decoding's tokens and steps, to the end of the context and with left-padded
+    prompts, and the drafting statistics of plainly fed drafts."""
     tiny_config.init_scale = 0.0
     model = make_model(tiny_config, use_kernels=use_kernels).eval().to(device)
     torch.manual_seed(batch)
@@ -153,3 +154,19 @@ def test_decode_view_writes_at_the_device_position():
     assert view.mask().tolist() == [[[[True, True, True, True, False, False]]]]
     cache.add_tokens(torch.tensor([[0, 1], [1, 1]]), 2)
     assert view.mask()[:, 0, 0].tolist() == [[False, True, True, True, False, False], [True] * 4 + [False] * 2]
+
+
+def test_decode_view_of_several_tokens():
+    """A view of 3 new tokens at positions 2, 3, 4 (the verify of drafts) writes exactly those
+    positions, and each token attends causally: up to its own position, never the padding."""
+    cache = KVCache(6)
+    view = DecodeView(cache, torch.tensor([2, 3, 4]))
+    k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    k_all, v_all = view.update(("prelude", 0), k, v)
+    assert torch.equal(k_all[:, :, 2:5], k) and torch.equal(v_all[:, :, 2:5], v)
+    assert (k_all[:, :, [0, 1, 5]] == 0).all() and (v_all[:, :, [0, 1, 5]] == 0).all()
+    causal = [[True] * 3 + [False] * 3, [True] * 4 + [False] * 2, [True] * 5 + [False]]
+    assert view.mask().tolist() == [[causal]]
+    cache.add_tokens(torch.tensor([[0, 1], [1, 1]]), 2)
+    assert view.mask()[0, 0].tolist() == [[False] + row[1:] for row in causal]
+    assert view.mask()[1, 0].tolist() == causal
