@@ -55,7 +55,10 @@ class CapturedStep:
             self.step()
 
     def replay(self):
-        self.graph.replay() if self.graph is not None else self.step()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
 
 
 class TokenGraph(CapturedStep):
@@ -134,6 +137,7 @@ class VerifyGraph(CapturedStep):
         self.view = DecodeView(kv_cache, self.positions)
 
     def step(self):
+        """The width tokens' logits at num_steps; their argmax to chosen. Moves no position."""
         model, view = self.model(), self.view
         cos, sin = model.rope_cos.index_select(0, self.positions), model.rope_sin.index_select(0, self.positions)
         mask = view.mask()  # (B or 1, 1, width, max_len)
@@ -142,6 +146,7 @@ class VerifyGraph(CapturedStep):
         self.chosen.copy_(model.readout(s, cos, sin, view, mask).argmax(dim=-1))
 
     def run(self, tokens, position):
+        """Feed tokens (B, width) at positions position ..; returns each position's argmax (B, width)."""
         if position + self.width > self.kv_cache.max_len:
             raise ValueError(f"{position + self.width} tokens do not fit a KV cache of {self.kv_cache.max_len}")
         self.tokens.copy_(tokens)
