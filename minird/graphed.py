@@ -36,7 +36,12 @@ class CapturedStep:
     CUDA and replayed; elsewhere step() runs as it is. inputs: the buffers step() reads and
     changes, put back after the warm-up run."""
 
-    graph = None
+    def __init__(self, model, kv_cache, num_steps, init_scale):
+        self.model = weakref.ref(model)  # minird.generate keeps graphs per model; no cycle keeps it alive
+        self.kv_cache = kv_cache
+        self.num_steps = num_steps
+        self.init_scale = init_scale
+        self.graph = None
 
     def capture(self, inputs):
         """Record step() in a CUDA graph. One warm-up run first, on a side stream (as torch's
@@ -67,12 +72,9 @@ class TokenGraph(CapturedStep):
     tokens (captured on CUDA, step by step elsewhere) and returns them."""
 
     def __init__(self, model, kv_cache, batch, num_steps, continuous_compute=False, init_scale=None):
+        super().__init__(model, kv_cache, num_steps, init_scale)
         device, dtype = model.wte.weight.device, model.wte.weight.dtype
-        self.model = weakref.ref(model)  # minird.generate keeps graphs per model; no cycle keeps it alive
-        self.kv_cache = kv_cache
-        self.num_steps = num_steps
         self.continuous_compute = continuous_compute
-        self.init_scale = init_scale
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position of the token fed next
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the token fed next
         self.state = torch.zeros(batch, 1, model.config.n_embd, dtype=dtype, device=device)  # its s0 if continuous
@@ -125,11 +127,8 @@ class VerifyGraph(CapturedStep):
     position's logits pick (B, width); the cache's seq_len is not moved."""
 
     def __init__(self, model, kv_cache, batch, num_steps, width, init_scale=None):
+        super().__init__(model, kv_cache, num_steps, init_scale)
         device = model.wte.weight.device
-        self.model = weakref.ref(model)
-        self.kv_cache = kv_cache
-        self.num_steps = num_steps
-        self.init_scale = init_scale
         self.width = width
         self.positions = torch.zeros(width, dtype=torch.long, device=device)  # of the tokens fed
         self.tokens = torch.zeros(batch, width, dtype=torch.long, device=device)

@@ -314,18 +314,23 @@ class RecurrentDepthLM(nn.Module):
         return self.lm_head(self.final_norm(x, kv_cache)).float()
 
     def final_norm(self, x, kv_cache=None):
-        """ln_f. While decoding on the kernels (as outer_blocks) it is the fused norm: one launch,
-        where RMSNorm.forward is six."""
-        if kv_cache is not None and self.use_kernels and ops.kernels_available(x.device.type):
+        """ln_f. While decoding on the kernels it is the fused norm: one launch, where
+        RMSNorm.forward is six ops in fp32 (eight in bf16)."""
+        if self.decodes_on_kernels(x, kv_cache):
             return ops.add_rmsnorm(x, None, self.ln_f.weight, None, self.config.norm_eps)[0]
         return self.ln_f(x)
 
+    def decodes_on_kernels(self, x, kv_cache):
+        """Decoding (a KV cache) with the kernels on for x's device: then the prelude, coda and
+        ln_f run on the fused ops. Training and evaluation run them on the reference code, so that
+        the recorded training runs reproduce bit for bit."""
+        return kv_cache is not None and self.use_kernels and ops.kernels_available(x.device.type)
+
     def outer_blocks(self, blocks, stage, x, cos, sin, kv_cache=None, mask=None):
         """x through the prelude's or the coda's blocks (stage names their cache entries). While
-        decoding (with a KV cache) they run on the fused ops where the kernels are on: at r = 4 they
-        are half of a token's launches. Training and evaluation run them on the code below, so
-        that the recorded training runs reproduce bit for bit."""
-        if len(blocks) and kv_cache is not None and self.use_kernels and ops.kernels_available(x.device.type):
+        decoding on the kernels (decodes_on_kernels) they run on the fused ops, one new token of
+        one row on CUDA in one decode_steps launch; otherwise on the code below."""
+        if len(blocks) and self.decodes_on_kernels(x, kv_cache):
             keys = [(stage, j) for j in range(len(blocks))]
             return ops.sandwich_blocks(x, ops.block_weights(blocks), self.config.n_head, self.config.norm_eps, cos,
                                        sin, kv_cache, keys, mask)

@@ -384,10 +384,23 @@ def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_
 def _cache_buffers(kv_cache, s, num_steps, n_weights, n_head):
     """The (step, core block) key and value buffers of kv_cache for num_steps steps, in the order the
     ops take them (step after step, block after block)."""
-    B, T, h = s.shape
     keys = [("core", step, j) for step in range(num_steps) for j in range(n_weights // len(BLOCK_TENSORS))]
+    return _buffers_of(kv_cache, keys, s, n_head)
+
+
+def _buffers_of(kv_cache, keys, s, n_head):
+    """(key buffers, value buffers) of kv_cache's entries under keys, for states like s (B, T, h)."""
+    B, _, h = s.shape
     pairs = [kv_cache.buffers(key, B, n_head, h // n_head, s.dtype, s.device) for key in keys]
     return [k for k, _ in pairs], [v for _, v in pairs]
+
+
+def _kernel_position(kv_cache):
+    """(pos, pos_on_device) for decode_steps: the host's seq_len; or for a DecodeView, the device
+    position the kernel reads when it runs, with the last cache position as its bound."""
+    if kv_cache.position_on_device:
+        return kv_cache.cache.max_len - 1, kv_cache.positions
+    return kv_cache.seq_len, None
 
 
 def _use_decode_kernel(s):
@@ -405,13 +418,8 @@ def _decodes_in_kernel(s, kv_cache):
 def _blocks_in_decode_kernel(x, weights, n_head, eps, cos, sin, kv_cache, cache_keys):
     """sandwich_blocks of one new token in one decode_steps launch (one step, no adapter), at
     kv_cache's position: the host's seq_len, or a DecodeView's device position."""
-    h = x.size(-1)
-    pairs = [kv_cache.buffers(key, 1, n_head, h // n_head, x.dtype, x.device) for key in cache_keys]
-    k_cache, v_cache = [k for k, _ in pairs], [v for _, v in pairs]
-    if kv_cache.position_on_device:  # the kernel reads the position; pos is its bound
-        pos, pos_on_device = kv_cache.cache.max_len - 1, kv_cache.positions
-    else:
-        pos, pos_on_device = kv_cache.seq_len, None
+    k_cache, v_cache = _buffers_of(kv_cache, cache_keys, x, n_head)
+    pos, pos_on_device = _kernel_position(kv_cache)
     return decode_steps(x.contiguous(), None, None, weights, cos, sin, k_cache, v_cache, pos, 1, n_head, eps,
                         pos_on_device)
 
@@ -436,8 +444,9 @@ def _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, c
     runs only while the graph is captured)."""
     if _decodes_in_kernel(s, view):
         k_cache, v_cache = _cache_buffers(view, s, num_steps, len(weights), n_head)
-        return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, view.cache.max_len - 1,
-                            num_steps, n_head, eps, view.positions)
+        pos, pos_on_device = _kernel_position(view)
+        return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head,
+                            eps, pos_on_device)
     for step in range(num_steps):
         s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, view, mask)
     return s
