@@ -97,22 +97,13 @@
 #include <cooperative_groups.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string>
-#include <type_traits>
 
-#include "common.cuh"
+#include "decode_parts.cuh"
 
 namespace minird {
 
 namespace cg = cooperative_groups;
-
-// The order of one core block's tensors in block_weights: BlockWeight in csrc/ops.cpp.
-namespace bw {
-enum { NORM_1, WQKV, QK_BIAS, ATTN_PROJ, NORM_2, NORM_3, FC, MLP_PROJ, NORM_4, COUNT };
-}
-constexpr int kMaxCoreBlocks = 16;  // R that one launch takes (the pointers travel as kernel arguments)
-constexpr int kMaxEntries = 96;     // (step, block) KV-cache entries that one launch takes
 
 // --- argument checks (each names the op, the argument and what was expected) ----------------
 
@@ -193,232 +184,6 @@ inline void check_decode_steps_args(const at::Tensor& s, const std::optional<at:
 
 namespace {  // this file's helpers and kernel
 
-// --- loads: weights through the read-only path, values written during the launch through L2 ---
-
-// 16 bytes (8 bf16 or 4 fp32) unpacked to float. A bf16 is the top half of a float.
-template <typename scalar_t>
-__device__ inline void unpack16(uint4 raw, float* f) {
-  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (std::is_same_v<scalar_t, float>) {
-#pragma unroll
-    for (int k = 0; k < 4; k++) f[k] = __uint_as_float(words[k]);
-  } else {
-    static_assert(std::is_same_v<scalar_t, at::BFloat16>, "decode_steps: float32 or bfloat16");
-#pragma unroll
-    for (int k = 0; k < 4; k++) {  // little endian: element 2k is the low half of word k
-      f[2 * k] = __uint_as_float(words[k] << 16);
-      f[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
-    }
-  }
-}
-
-template <typename scalar_t>
-__device__ inline void load_weights16(const scalar_t* p, float* f) {
-  unpack16<scalar_t>(__ldg(reinterpret_cast<const uint4*>(p)), f);
-}
-
-// kShared: p points into this block's shared memory (phase C's copy of the keys and values)
-template <typename scalar_t, bool kShared = false>
-__device__ inline void load_data16(const scalar_t* p, float* f) {
-  const uint4* p4 = reinterpret_cast<const uint4*>(p);
-  unpack16<scalar_t>(kShared ? *p4 : __ldcg(p4), f);
-}
-
-template <typename scalar_t>
-__device__ inline float load_weight(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return __ldg(reinterpret_cast<const float*>(p));
-  } else {
-    return __uint_as_float((unsigned)__ldg(reinterpret_cast<const unsigned short*>(p)) << 16);
-  }
-}
-
-template <typename scalar_t, bool kShared = false>
-__device__ inline float load_data(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const float* pf = reinterpret_cast<const float*>(p);
-    return kShared ? *pf : __ldcg(pf);
-  } else {
-    const unsigned short* ph = reinterpret_cast<const unsigned short*>(p);
-    return __uint_as_float((unsigned)(kShared ? *ph : __ldcg(ph)) << 16);
-  }
-}
-
-// Two neighbouring values (d, d + 1) written during the launch; d is even, so the pair is aligned.
-template <typename scalar_t, bool kShared = false>
-__device__ inline void load_data_pair(const scalar_t* p, float* f) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const float2* p2 = reinterpret_cast<const float2*>(p);
-    const float2 v = kShared ? *p2 : __ldcg(p2);
-    f[0] = v.x;
-    f[1] = v.y;
-  } else {
-    const unsigned* pw = reinterpret_cast<const unsigned*>(p);
-    const unsigned word = kShared ? *pw : __ldcg(pw);
-    f[0] = __uint_as_float(word << 16);
-    f[1] = __uint_as_float(word & 0xffff0000u);
-  }
-}
-
-__device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80 and
-// later: the copy runs while the block goes on, until cp_async_wait_all); a plain copy before sm_80.
-__device__ inline void copy16_async(void* dst_shared, const void* src_global) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global));
-#else
-  *reinterpret_cast<uint4*>(dst_shared) = __ldcg(reinterpret_cast<const uint4*>(src_global));
-#endif
-}
-
-__device__ inline void cp_async_wait_all() {  // this thread's copies have landed (then __syncthreads for all)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
-}
-
-// --- the pieces of a phase ---------------------------------------------------------------------
-
-__device__ inline float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-  return v;
-}
-
-template <typename T>
-__device__ inline T block_max(T v, T* shared) {  // as block_sum (common.cuh), with max
-  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffff, v, offset));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
-  __syncthreads();
-  T total = shared[0];
-  for (int w = 1; w < (int)((blockDim.x + 31) >> 5); w++) total = max(total, shared[w]);
-  return total;
-}
-
-// The GEMV step of one warp: out[r] = rows[r] . x for NR rows of n weights at once (their loads
-// interleave), x (n floats) in shared memory; the result in every lane. The plain loop is the
-// fallback for rows that are not 16-byte aligned (e.g. odd head sizes): same sum, slower.
-template <typename scalar_t, int NR>
-__device__ inline void warp_dot(const scalar_t* const (&rows)[NR], const float* x, int n, float (&out)[NR]) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  const int lane = threadIdx.x % 32;
-  float acc[NR];
-  bool vectorized = n % VEC == 0;
-#pragma unroll
-  for (int r = 0; r < NR; r++) {
-    acc[r] = 0.f;
-    vectorized = vectorized && aligned16(rows[r]);
-  }
-  if (vectorized) {
-#pragma unroll 4
-    for (int c = lane * VEC; c < n; c += 32 * VEC) {
-      float xv[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; k += 4) *reinterpret_cast<float4*>(xv + k) = *reinterpret_cast<const float4*>(x + c + k);
-#pragma unroll
-      for (int r = 0; r < NR; r++) {
-        float wv[VEC];
-        load_weights16(rows[r] + c, wv);
-#pragma unroll
-        for (int k = 0; k < VEC; k++) acc[r] = fmaf(wv[k], xv[k], acc[r]);
-      }
-    }
-  } else {
-    for (int c = lane; c < n; c += 32) {
-#pragma unroll
-      for (int r = 0; r < NR; r++) acc[r] = fmaf(load_weight(rows[r] + c), x[c], acc[r]);
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < NR; r++) out[r] = warp_sum(acc[r]);
-}
-
-// One thread's dot product of a cached key row (n values written during the launch, or their
-// shared copy) with x (shared).
-template <typename scalar_t, bool kShared>
-__device__ inline float thread_dot(const scalar_t* row, const float* x, int n) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  float acc = 0.f;
-  if (n % VEC == 0 && aligned16(row)) {
-#pragma unroll 8
-    for (int c = 0; c < n; c += VEC) {  // (unrolled: the row's loads are issued together, one L2 wait)
-      float f[VEC];
-      load_data16<scalar_t, kShared>(row + c, f);
-#pragma unroll
-      for (int k = 0; k < VEC; k++) acc = fmaf(f[k], x[c + k], acc);
-    }
-  } else {
-    for (int c = 0; c < n; c++) acc = fmaf(load_data<scalar_t, kShared>(row + c), x[c], acc);
-  }
-  return acc;
-}
-
-// out = rmsnorm(in) * w over the whole block, as RMSNorm.forward / add_rmsnorm_kernel: the sum of
-// squares in fp32, the normalised value rounded to the dtype, then times the weight and rounded.
-// out may be in: each thread reads and writes only its own elements i = tid, tid + blockDim, ...
-// w_shared: the same weight, copied to shared memory at the start (or nullptr: read w from L2).
-template <typename scalar_t>
-__device__ inline void rmsnorm_block(const float* in, const scalar_t* w, const float* w_shared, float* out, int h,
-                                     float eps, float* red) {
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < h; i += blockDim.x) ss += in[i] * in[i];
-  const float r = 1.f / sqrtf(block_sum(ss, red) / h + eps);
-  for (int i = threadIdx.x; i < h; i += blockDim.x) {
-    const float wi = w_shared != nullptr ? w_shared[i] : load_weight(w + i);
-    out[i] = round_to<scalar_t>(round_to<scalar_t>(in[i] * r) * wi);
-  }
-  __syncthreads();  // the GEMV that follows reads every element
-}
-
-// One head's attention for the token at pos: att = softmax(q K^T * scale) V over keys 0 .. pos,
-// whose rows lie `stride` elements apart, in the KV cache or in the block's shared copy (kShared).
-// prob (pos + 1) and part (max(2 blockDim, hs)) are shared scratch; att (hs) is rounded as SDPA
-// stores it. q and the rows must be visible to the whole block when it starts.
-template <typename scalar_t, bool kShared>
-__device__ inline void head_attention(const scalar_t* K, const scalar_t* V, int stride, const float* q, int hs,
-                                      int pos, float scale, float* prob, float* part, float* att, float* red) {
-  // scores, a thread per key; then softmax over the pos + 1 keys
-  float m = -INFINITY;
-  for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
-    prob[t] = thread_dot<scalar_t, kShared>(K + (int64_t)t * stride, q, hs) * scale;
-    m = fmaxf(m, prob[t]);
-  }
-  m = block_max(m, red);
-  float l = 0.f;
-  for (int t = threadIdx.x; t <= pos; t += blockDim.x) {  // each thread its own keys: no barrier
-    prob[t] = expf(prob[t] - m);
-    l += prob[t];
-  }
-  l = block_sum(l, red);  // (its barriers also publish prob[] to the whole block)
-  // P V: G groups of keys, a thread per (group, pair of dimensions): neighbouring threads read
-  // neighbouring pairs of a row; then the G partial sums of each dimension are added. The key
-  // loop is unrolled so that each thread has 8 loads in flight, not one L2 wait per key.
-  const int pairs = hs / 2, G = max(1, (int)blockDim.x / pairs);
-  for (int idx = threadIdx.x; idx < G * pairs; idx += blockDim.x) {
-    const int g = idx / pairs, d = 2 * (idx % pairs);
-    float acc0 = 0.f, acc1 = 0.f;
-#pragma unroll 8
-    for (int t = g; t <= pos; t += G) {
-      float v[2];
-      load_data_pair<scalar_t, kShared>(V + (int64_t)t * stride + d, v);
-      acc0 = fmaf(prob[t], v[0], acc0);
-      acc1 = fmaf(prob[t], v[1], acc1);
-    }
-    part[g * hs + d] = acc0;
-    part[g * hs + d + 1] = acc1;
-  }
-  __syncthreads();
-  for (int d = threadIdx.x; d < hs; d += blockDim.x) {
-    float acc = 0.f;
-    for (int g = 0; g < G; g++) acc += part[g * hs + d];
-    att[d] = round_to<scalar_t>(acc / l);  // SDPA's output, as stored
-  }
-  __syncthreads();
-}
-
 // --- the kernel ----------------------------------------------------------------------------------
 
 constexpr int kThreads = 256;
@@ -453,28 +218,10 @@ struct DecodeParams {
 // The launch passes the struct by value: keep it under the classic 4 KB of kernel arguments.
 static_assert(sizeof(DecodeParams<float>) <= 4096, "decode_steps: kernel arguments over 4 KB");
 
-// n floats rounded up to a multiple of 4, so that every piece of shared memory is 16-byte aligned
-__host__ __device__ inline int round4(int n) { return (n + 3) / 4 * 4; }
-
 // Dynamic shared memory of one block, in floats (the kernel carves it up in this order); the norm
 // weights (4 per core block) come last, when the launcher keeps them there.
 inline int decode_smem_floats(int h, int I, int hs, int pos) {
   return round4(h) + round4(std::max(h, I)) + 2 * round4(hs) + round4(std::max(2 * kThreads, hs)) + round4(pos + 1);
-}
-// Phase C's copy of one head's keys and values (rows 0 .. pos): elements between rows, hs + 16
-// bytes (rows t are read by threads t: without the pad every 8th thread would hit the same
-// shared-memory banks), and its size in floats.
-template <typename scalar_t>
-__host__ __device__ inline int kv_row_stride(int hs) {
-  return hs + 16 / (int)sizeof(scalar_t);
-}
-template <typename scalar_t>
-__host__ __device__ inline int kv_smem_floats(int hs, int pos) {
-  return 2 * (pos + 1) * kv_row_stride<scalar_t>(hs) * (int)sizeof(scalar_t) / (int)sizeof(float);
-}
-constexpr int kNormsPerBlock = 4;  // norm_1 .. norm_4: the h-wide weights of a core block
-__host__ __device__ inline int norm_slot(int which) {  // BlockWeight index -> slot in the shared copy
-  return which == bw::NORM_1 ? 0 : which == bw::NORM_2 ? 1 : which == bw::NORM_3 ? 2 : 3;
 }
 
 template <typename scalar_t>
@@ -676,11 +423,6 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
 }
 
 // --- the launcher ----------------------------------------------------------------------------------
-
-inline int env_int(const char* name, int fallback) {  // read at every call: a benchmark may change it
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
-}
 
 template <typename scalar_t>
 void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e_proj,
