@@ -9,7 +9,10 @@ Checked: the final state and the keys/values written into the cache at pos (rela
 and with shared ones (compress-sN: N = R, and N = 1); the blocks alone, without the adapter (the
 prelude's and coda's launch); the rest of every cache buffer untouched;
 more steps than one launch takes; the same bits for any grid size, from a CUDA graph replay, and with the
-position read from the device (one captured launch replayed at several positions);
+position read from the device (one captured launch replayed at several positions). Both kernels:
+version 2 (the cooperative grid) and version 4 (one thread block cluster, csrc/cuda/decode_cluster.cu)
+where it applies (h = 256, 1024), chosen with MINIRD_DECODE_VERSION; version 4's bits do not depend
+on the cluster's size or on where it reads the weights from;
 torch.library.opcheck; bad input fails with a message naming the argument. On failure each
 assertion prints, per tensor, the relative error and the largest absolute difference.
 """
@@ -38,6 +41,22 @@ EPS = 1e-6
 L = 160  # cache length: positions 0 .. L - 1
 # (h, n_head): heads of 16, 24, 48, 64
 SHAPES = [(64, 4), (96, 4), (96, 2), (256, 4), (1024, 16)]
+
+
+# the sizes version 4 (the cluster kernel) takes: h = 1, 2, 4 (8 in fp32) x 32 x 16 bytes of elements
+CLUSTER_SIZES = (256, 1024)
+
+
+@pytest.fixture(params=["2", "4"], ids=["v2", "v4"])
+def version(request, monkeypatch):
+    """Which kernel serves the call: version 2 (grid) or 4 (cluster), where the test's h allows it."""
+    monkeypatch.setenv("MINIRD_DECODE_VERSION", request.param)
+    return request.param
+
+
+def skip_unless_applies(version, h):
+    if version == "4" and h not in CLUSTER_SIZES:
+        pytest.skip(f"version 4 does not take h={h}")
 
 
 @pytest.fixture(autouse=True)
@@ -190,22 +209,24 @@ def check_against_reference(case, what=""):
 @pytest.mark.parametrize("num_steps", [1, 3])
 @pytest.mark.parametrize("pos", [0, 5, 127])
 @pytest.mark.parametrize("sharing", ["full", "compress-sR", "compress-s1"])
-def test_decode_steps_matches_recurrent_steps(dtype, h, n_head, R, num_steps, pos, sharing):
+def test_decode_steps_matches_recurrent_steps(version, dtype, h, n_head, R, num_steps, pos, sharing):
+    skip_unless_applies(version, h)
     slots = {"full": None, "compress-sR": R, "compress-s1": 1}[sharing]
     case = Case(h, n_head, R, num_steps, pos, dtype, slots)
-    check_against_reference(case, f"h={h} nh={n_head} R={R} steps={num_steps} pos={pos} {sharing} ")
+    check_against_reference(case, f"v{version} h={h} nh={n_head} R={R} steps={num_steps} pos={pos} {sharing} ")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("h,n_head", SHAPES)
 @pytest.mark.parametrize("R", [1, 2])
 @pytest.mark.parametrize("pos", [0, 5, 127])
-def test_blocks_without_the_adapter(dtype, h, n_head, R, pos):
+def test_blocks_without_the_adapter(version, dtype, h, n_head, R, pos):
     """e_proj and adapter_weight None (the prelude's or coda's blocks of one decoding token, one
     step): the blocks on s itself, as recurrent_steps with an adapter that passes s through; and
     the bits of the kernel's own run with that adapter (phase A then writes s exactly)."""
+    skip_unless_applies(version, h)
     case = Case(h, n_head, R, 1, pos, dtype, adapter=False)
-    check_against_reference(case, f"no adapter h={h} nh={n_head} R={R} pos={pos} ")
+    check_against_reference(case, f"v{version} no adapter h={h} nh={n_head} R={R} pos={pos} ")
     out, k, v = case.run(torch.ops.minird.decode_steps)
     with_identity = Case(h, n_head, R, 1, pos, dtype)
     with_identity.W = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1).to(case.s)
@@ -216,13 +237,15 @@ def test_blocks_without_the_adapter(dtype, h, n_head, R, pos):
 
 
 @pytest.mark.parametrize("sharing", ["full", "compress-sR", "compress-s1"])
-def test_more_steps_than_one_launch(sharing):
+@pytest.mark.parametrize("h,dtype", [(64, torch.float32), (256, torch.bfloat16)], ids=["h64-fp32", "h256-bf16"])
+def test_more_steps_than_one_launch(version, sharing, h, dtype):
     """25 steps at R = 4 are 100 (step, block) cache entries, more than one launch takes (96): the op
     runs 24 steps, then 1 from the state the first launch left. That must be what two calls of 24 + 1
     or 10 + 15 steps give (the state and the cache entries handed over by hand), bit for bit: the
     result does not depend on how the steps are split into launches."""
+    skip_unless_applies(version, h)
     R, num_steps = 4, 25
-    case = Case(64, 4, R, num_steps, 5, torch.float32, {"full": None, "compress-sR": R, "compress-s1": 1}[sharing])
+    case = Case(h, 4, R, num_steps, 5, dtype, {"full": None, "compress-sR": R, "compress-s1": 1}[sharing])
     whole, k_whole, v_whole = case.run(torch.ops.minird.decode_steps)
     assert torch.isfinite(whole).all()
     for first in (24, 10):
@@ -251,7 +274,9 @@ def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
     the grid size (MINIRD_DECODE_BLOCKS; 1 block runs every phase's grid-stride loops alone), where
     the norm weights are read from (MINIRD_DECODE_NORMS_IN_SMEM=0) and where phase C reads the keys
     and values from (MINIRD_DECODE_KV_IN_SMEM=0: the cache in L2, not the block's staged copy; a grid
-    of 1 or 3 blocks, with more attention items than blocks, reads L2 too) must not change a bit."""
+    of 1 or 3 blocks, with more attention items than blocks, reads L2 too) must not change a bit.
+    Version 2 (the grid) here; version 4 in test_same_bits_for_any_cluster."""
+    monkeypatch.setenv("MINIRD_DECODE_VERSION", "2")
     case = Case(h, n_head, 4, 3, pos, dtype, slots=1)
     base, k_base, v_base = case.run(torch.ops.minird.decode_steps)
     for env in ({"MINIRD_DECODE_BLOCKS": "1"}, {"MINIRD_DECODE_BLOCKS": "3"}, {"MINIRD_DECODE_BLOCKS": "100000"},
@@ -264,11 +289,30 @@ def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
         assert all(torch.equal(a, b) for a, b in zip(k + v, k_base + v_base)), f"{env}: the caches differ"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("h,n_head,pos", [(256, 4, 5), (256, 4, 127), (1024, 16, 127)])
+def test_same_bits_for_any_cluster(monkeypatch, dtype, h, n_head, pos):
+    """Version 4: every dot product is one warp's over the same lanes, every norm one warp's, every
+    head's sums one block's, so a cluster of 8 blocks instead of 16 (other slices of every phase)
+    and the weights read from L2 instead of the copies staged in shared memory give the same bits."""
+    monkeypatch.setenv("MINIRD_DECODE_VERSION", "4")
+    case = Case(h, n_head, 4, 3, pos, dtype, slots=1)
+    base, k_base, v_base = case.run(torch.ops.minird.decode_steps)
+    for env in ({"MINIRD_DECODE_CLUSTER": "8"}, {"MINIRD_DECODE_WEIGHTS_IN_SMEM": "0"},
+                {"MINIRD_DECODE_CLUSTER": "8", "MINIRD_DECODE_WEIGHTS_IN_SMEM": "0"}):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            out, k, v = case.run(torch.ops.minird.decode_steps)
+        assert torch.equal(out, base), f"{env}: {describe('s', out, base)}"
+        assert all(torch.equal(a, b) for a, b in zip(k + v, k_base + v_base)), f"{env}: the caches differ"
+
+
 # -----------------------------------------------------------------------------
 # CUDA graph, opcheck, bad input
 
 
-def test_cuda_graph_capture_and_replay():
+def test_cuda_graph_capture_and_replay(version):
     """One call captured in a CUDA graph and replayed gives the eager call's bits (state and caches),
     and a replay after new values are copied into the captured input follows them."""
     case = Case(256, 4, 4, 3, 127, torch.bfloat16, slots=4)
@@ -302,7 +346,7 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_position_read_from_the_device(dtype):
+def test_position_read_from_the_device(version, dtype):
     """pos_on_device: ONE launch captured in a CUDA graph with pos = L - 1 as the bound, replayed with
     the position tensor set to 0, 5 and 127, gives at each the bits of the eager call at that
     position (state and caches): what minird.graphed replays for every token."""
@@ -381,3 +425,19 @@ def test_bad_input():
         with pytest.raises(RuntimeError) as info:
             torch.ops.minird.decode_steps(*{**good, **change}.values())
         assert message in str(info.value), f"expected {message!r} in: {info.value}"
+
+
+def test_bad_kernel_choice(monkeypatch):
+    """MINIRD_DECODE_VERSION=4 where version 4 does not apply, or an unknown version or cluster
+    size, fails with a message that says why."""
+    case = Case(96, 4, 2, 1, 5, torch.float32)
+    for env, message in (({"MINIRD_DECODE_VERSION": "4"}, "MINIRD_DECODE_VERSION=4 does not apply: h must be"),
+                         ({"MINIRD_DECODE_VERSION": "3"}, "MINIRD_DECODE_VERSION must be 2 or 4, got 3"),
+                         ({"MINIRD_DECODE_VERSION": "4", "MINIRD_DECODE_CLUSTER": "4"},
+                          "MINIRD_DECODE_CLUSTER must be 8 or 16, got 4")):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            with pytest.raises(RuntimeError) as info:
+                case.run(torch.ops.minird.decode_steps)
+        assert message in str(info.value), f"{env}: expected {message!r} in: {info.value}"

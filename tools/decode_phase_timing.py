@@ -8,7 +8,10 @@ the earliest departure from the previous barrier to the last block's arrival: th
 and the barrier itself (from the last arrival to the median departure).
 
     python tools/decode_phase_timing.py                    # csrc/cuda/decode.cu at h = 256
+    python tools/decode_phase_timing.py --version 4        # csrc/cuda/decode_cluster.cu
     python tools/decode_phase_timing.py --h 1024 --source path/to/another/decode.cu
+
+Version 4 (the cluster kernel) is stamped before its cluster barrier's arrive and after its wait.
 
 The timer ticks in steps of ~0.26 us on an H200, so single phases read to about that. The stamps add a
 block barrier (__syncthreads) per grid barrier; the tool prints the instrumented kernel's time per
@@ -42,7 +45,27 @@ __device__ inline unsigned long long global_time() {{
     g_stamps[(blockIdx.x * {MAX_EVENTS} + event) * 2 + which] = global_time()
 """
 
-BINDINGS = f"""
+# how each version's source is entered from Python: its launcher, the arguments made into a call
+ENTRY = {
+    2: """minird::decode_steps_cuda(s, e_proj, adapter, blocks, cos, sin, k, v, pos, num_steps, n_head, eps,
+                                     std::nullopt)""",
+    4: """[&] {
+      at::Tensor out = at::empty_like(s);
+      minird::decode_steps_on_cluster(s, e_proj, adapter, blocks, cos, sin, k, v, pos, num_steps, n_head, eps,
+                                      std::nullopt, out);
+      return out;
+    }()""",
+}
+# each version's barrier, as a regular expression of its call, and the line after which `event` is declared
+BARRIERS = {
+    2: (r"\bgrid\.sync\(\);", "__syncthreads(); STAMP(0); grid.sync(); STAMP(1); event++;",
+        r"(cg::grid_group grid = cg::this_grid\(\);)"),
+    4: (r"\bcluster_arrive\(\);((?:.|\n)*?)\bcluster_wait\(\);",
+        r"__syncthreads(); STAMP(0); cluster_arrive();\1cluster_wait(); STAMP(1); event++;",
+        r"(cg::cluster_group cluster = cg::this_cluster\(\);)"),
+}
+
+BINDINGS = """
 namespace minird {{
 at::Tensor decode_stamps() {{
   auto t = torch::empty({{{MAX_BLOCKS}, {MAX_EVENTS}, 2}}, torch::dtype(torch::kLong));
@@ -55,26 +78,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{
                            std::vector<at::Tensor> blocks, const at::Tensor& cos, const at::Tensor& sin,
                            std::vector<at::Tensor> k, std::vector<at::Tensor> v, int64_t pos, int64_t num_steps,
                            int64_t n_head, double eps) {{
-    return minird::decode_steps_cuda(s, e_proj, adapter, blocks, cos, sin, k, v, pos, num_steps, n_head, eps,
-                                     std::nullopt);
+    return {entry};
   }});
   m.def("stamps", &minird::decode_stamps);
 }}
 """
 
 
-def instrument(source):
-    """The kernel source with a stamp before and after every grid.sync(), its own Python bindings in
+def instrument(source, version):
+    """The kernel source with a stamp before and after every barrier, its own Python bindings in
     place of the TORCH_LIBRARY registration (so that it does not clash with minird._C)."""
-    text, n = re.subn(r"\bgrid\.sync\(\);", "__syncthreads(); STAMP(0); grid.sync(); STAMP(1); event++;", source)
+    barrier, stamped, anchor = BARRIERS[version]
+    text, n = re.subn(barrier, stamped, source)
     if n == 0:
-        raise SystemExit("decode_phase_timing: no grid.sync() in the source: nothing to time")
-    text, n = re.subn(r"(cg::grid_group grid = cg::this_grid\(\);)", r"\1\n  int event = 0;", text, count=1)
+        raise SystemExit(f"decode_phase_timing: no barrier of version {version} in the source: nothing to time")
+    text, n = re.subn(anchor, r"\1\n  int event = 0;", text, count=1)
     if n == 0:
-        raise SystemExit("decode_phase_timing: the kernel has no `cg::grid_group grid = cg::this_grid();`")
+        raise SystemExit(f"decode_phase_timing: no {anchor!r} in the source to declare the stamps' counter after")
     text = text.replace("namespace cg = cooperative_groups;", "namespace cg = cooperative_groups;\n" + STAMPS, 1)
     text = re.sub(r"TORCH_LIBRARY_IMPL\(minird, CUDA, m\) \{[^}]*\}", "", text)
-    return "#include <torch/extension.h>\n" + text + BINDINGS
+    return "#include <torch/extension.h>\n" + text + BINDINGS.format(entry=ENTRY[version], MAX_BLOCKS=MAX_BLOCKS, MAX_EVENTS=MAX_EVENTS)
 
 
 def decode_inputs(h, dtype):
@@ -98,7 +121,9 @@ def replay_time_per_step(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=ROOT / "csrc/cuda/decode.cu", help="the kernel source")
+    parser.add_argument("--version", type=int, choices=[2, 4], default=2,
+                        help="2: the grid kernel (csrc/cuda/decode.cu), 4: the cluster kernel (decode_cluster.cu)")
+    parser.add_argument("--source", type=Path, help="the kernel source (default: the version's file)")
     parser.add_argument("--h", type=positive_int, default=256, help="model width, a multiple of 64 (heads of 64)")
     args = parser.parse_args()
     if args.h % 64:
@@ -107,12 +132,14 @@ def main():
         raise SystemExit("decode_phase_timing: needs a CUDA GPU")
     if not ops._HAS_DECODE_KERNEL:
         raise SystemExit("decode_phase_timing: minird._C has no CUDA decode_steps (build with CUDA first)")
+    if args.source is None:
+        args.source = ROOT / "csrc/cuda" / ("decode.cu" if args.version == 2 else "decode_cluster.cu")
     if not args.source.is_file():
         raise SystemExit(f"decode_phase_timing: no such file: {args.source}")
     from torch.utils.cpp_extension import load
 
     build = Path(tempfile.mkdtemp(prefix="decode_phase_timing_"))
-    (build / "decode_timed.cu").write_text(instrument(args.source.read_text()))
+    (build / "decode_timed.cu").write_text(instrument(args.source.read_text(), args.version))
     timed = load("decode_timed", [str(build / "decode_timed.cu")], build_directory=str(build),
                  extra_include_paths=[str(ROOT / "csrc/cuda")], extra_cuda_cflags=["-O3", "-std=c++17"])
 

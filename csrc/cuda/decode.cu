@@ -87,6 +87,8 @@
 // wait for late blocks; and this kernel's 4R + 1 grid barriers, empty, are 16.7 us a step: a step
 // of <= 15 us needs the cluster's hardware barrier, with its weight streaming (16 SMs read a step's
 // 8.5 MB from L2 in 4.6 us, the same tool) overlapped with the hand-overs.
+// Version 4 (decode_cluster.cu) is that design, built: right, and slower so far; decode_steps runs
+// it only when MINIRD_DECODE_VERSION=4 asks (=2, the default: this kernel). Its header says why.
 //
 // Limits: float32 and bfloat16; B = T = 1; R <= 16 core blocks; one launch takes at most 96
 // (step, block) cache entries, so more steps run as several launches (24 steps each at R = 4).
@@ -99,6 +101,7 @@
 
 #include <string>
 
+#include "decode.h"
 #include "decode_parts.cuh"
 
 namespace minird {
@@ -539,6 +542,13 @@ at::Tensor decode_steps_cuda(const at::Tensor& s, const std::optional<at::Tensor
   const c10::cuda::OptionalCUDAGuard guard(s.device());
   at::Tensor out = at::empty_like(s);
   if (num_steps == 0) return out.copy_(s);
+  const int version = env_int("MINIRD_DECODE_VERSION", 2);
+  TORCH_CHECK(version == 2 || version == 4, "decode_steps: MINIRD_DECODE_VERSION must be 2 or 4, got ", version);
+  if (version == 4) {  // the cluster kernel: opt-in, slower than this one so far (decode_cluster.cu)
+    decode_steps_on_cluster(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
+                            n_head, eps, pos_on_device, out);
+    return out;
+  }
   if (s.scalar_type() == at::kFloat) {
     launch_decode_steps<float>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
                                n_head, eps, pos_on_device, out);
