@@ -267,6 +267,19 @@ def test_zero_steps_returns_a_copy():
     assert torch.equal(out, case.s) and out.data_ptr() != case.s.data_ptr()
 
 
+def assert_same_bits_under(monkeypatch, case, envs):
+    """The call's state and caches under each set of environment variables in envs are the bits of
+    the call without them."""
+    base, k_base, v_base = case.run(torch.ops.minird.decode_steps)
+    for env in envs:
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            out, k, v = case.run(torch.ops.minird.decode_steps)
+        assert torch.equal(out, base), f"{env}: {describe('s', out, base)}"
+        assert all(torch.equal(a, b) for a, b in zip(k + v, k_base + v_base)), f"{env}: the caches differ"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("h,n_head,pos", [(96, 4, 5), (256, 4, 127), (1024, 16, 127)])
 def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
@@ -277,16 +290,10 @@ def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
     of 1 or 3 blocks, with more attention items than blocks, reads L2 too) must not change a bit.
     Version 2 (the grid) here; version 4 in test_same_bits_for_any_cluster."""
     monkeypatch.setenv("MINIRD_DECODE_VERSION", "2")
-    case = Case(h, n_head, 4, 3, pos, dtype, slots=1)
-    base, k_base, v_base = case.run(torch.ops.minird.decode_steps)
-    for env in ({"MINIRD_DECODE_BLOCKS": "1"}, {"MINIRD_DECODE_BLOCKS": "3"}, {"MINIRD_DECODE_BLOCKS": "100000"},
-                {"MINIRD_DECODE_NORMS_IN_SMEM": "0"}, {"MINIRD_DECODE_KV_IN_SMEM": "0"}):
-        with monkeypatch.context() as m:
-            for key, value in env.items():
-                m.setenv(key, value)
-            out, k, v = case.run(torch.ops.minird.decode_steps)
-        assert torch.equal(out, base), f"{env}: {describe('s', out, base)}"
-        assert all(torch.equal(a, b) for a, b in zip(k + v, k_base + v_base)), f"{env}: the caches differ"
+    assert_same_bits_under(monkeypatch, Case(h, n_head, 4, 3, pos, dtype, slots=1),
+                           [{"MINIRD_DECODE_BLOCKS": "1"}, {"MINIRD_DECODE_BLOCKS": "3"},
+                            {"MINIRD_DECODE_BLOCKS": "100000"}, {"MINIRD_DECODE_NORMS_IN_SMEM": "0"},
+                            {"MINIRD_DECODE_KV_IN_SMEM": "0"}])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -296,16 +303,9 @@ def test_same_bits_for_any_cluster(monkeypatch, dtype, h, n_head, pos):
     head's sums one block's, so a cluster of 8 blocks instead of 16 (other slices of every phase)
     and the weights read from L2 instead of the copies staged in shared memory give the same bits."""
     monkeypatch.setenv("MINIRD_DECODE_VERSION", "4")
-    case = Case(h, n_head, 4, 3, pos, dtype, slots=1)
-    base, k_base, v_base = case.run(torch.ops.minird.decode_steps)
-    for env in ({"MINIRD_DECODE_CLUSTER": "8"}, {"MINIRD_DECODE_WEIGHTS_IN_SMEM": "0"},
-                {"MINIRD_DECODE_CLUSTER": "8", "MINIRD_DECODE_WEIGHTS_IN_SMEM": "0"}):
-        with monkeypatch.context() as m:
-            for key, value in env.items():
-                m.setenv(key, value)
-            out, k, v = case.run(torch.ops.minird.decode_steps)
-        assert torch.equal(out, base), f"{env}: {describe('s', out, base)}"
-        assert all(torch.equal(a, b) for a, b in zip(k + v, k_base + v_base)), f"{env}: the caches differ"
+    assert_same_bits_under(monkeypatch, Case(h, n_head, 4, 3, pos, dtype, slots=1),
+                           [{"MINIRD_DECODE_CLUSTER": "8"}, {"MINIRD_DECODE_WEIGHTS_IN_SMEM": "0"},
+                            {"MINIRD_DECODE_CLUSTER": "8", "MINIRD_DECODE_WEIGHTS_IN_SMEM": "0"}])
 
 
 # -----------------------------------------------------------------------------

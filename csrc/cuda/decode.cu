@@ -193,29 +193,16 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 template <typename scalar_t>
-struct DecodeParams {
-  const scalar_t* s_in;     // (h) the state entering this launch's first step
-  scalar_t* s_out;          // (h) the state after its last step
-  const scalar_t* e_proj;   // (h) W_e e
-  const scalar_t* adapter;  // (h, 2h) [W_s W_e]: only W_s, the first h columns of each row, is read;
-                            // nullptr: no adapter, a step is the blocks alone (the prelude, the coda)
-  const scalar_t* cos;      // (hs/2) the angles of position pos
-  const scalar_t* sin;
-  const scalar_t* w[kMaxCoreBlocks][bw::COUNT];  // each core block's tensors, BlockWeight order
-  scalar_t* k_cache[kMaxEntries];                // (nh, L, hs) each; entry step * R + j
-  scalar_t* v_cache[kMaxEntries];
+struct DecodeParams : StepArgs<scalar_t> {
   // fp32 scratch in global memory: what one phase hands to the next
   float* s_adapted;  // (h) phase A's output
   float* q;          // (nh, hs) phase B's rotated queries
   float* y_heads;    // (nh, h) phase C's attn.proj output, one partial sum per head
   float* u;          // (I) phase D's silu(gate) * up
   float* y_mlp;      // (h) phase E's mlp.proj output
-  int h, I, n_head, hs, R, num_steps, pos, L;  // pos: the position, or its bound when pos_on_device is set
-  const int64_t* pos_on_device;  // (1) the position, read when the kernel starts; nullptr: pos
   int attn_chunks;  // phase C splits attn.proj's h rows into this many slices per head
   int norms_in_smem;  // the 4R norm weights fit in shared memory: copied there once, at the start
   int kv_in_smem;     // phase C reads its head's keys and values from a shared copy made during phase B
-  float eps, attn_scale;
 };
 
 // The launch passes the struct by value: keep it under the classic 4 KB of kernel arguments.
@@ -435,28 +422,19 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
                          int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device,
                          at::Tensor& out) {
   const int h = (int)s.size(2), nh = (int)n_head, hs = h / nh, R = (int)(block_weights.size() / bw::COUNT);
-  const int I = (int)block_weights[bw::FC].size(0) / 2, L = (int)k_cache[0].size(2);
+  const int I = (int)block_weights[bw::FC].size(0) / 2;
   const int device = s.get_device();
 
   // scratch: s_adapted (h), q (h), y_heads (nh * h), u (I), y_mlp (h)
   at::Tensor scratch = at::empty({3 * h + nh * h + I}, s.options().dtype(at::kFloat));
   DecodeParams<scalar_t> p{};
+  fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
+                           pos_on_device);
   p.s_adapted = scratch.data_ptr<float>();
   p.q = p.s_adapted + h;
   p.y_heads = p.q + h;
   p.u = p.y_heads + nh * h;
   p.y_mlp = p.u + I;
-  p.e_proj = e_proj ? e_proj->data_ptr<scalar_t>() : nullptr;
-  p.adapter = adapter_weight ? adapter_weight->data_ptr<scalar_t>() : nullptr;
-  p.cos = cos.data_ptr<scalar_t>();
-  p.sin = sin.data_ptr<scalar_t>();
-  for (int j = 0; j < R; j++) {
-    for (int k = 0; k < bw::COUNT; k++) p.w[j][k] = block_weights[j * bw::COUNT + k].data_ptr<scalar_t>();
-  }
-  p.h = h, p.I = I, p.n_head = nh, p.hs = hs, p.R = R, p.pos = (int)pos, p.L = L;
-  p.pos_on_device = pos_on_device ? pos_on_device->data_ptr<int64_t>() : nullptr;
-  p.eps = (float)eps;
-  p.attn_scale = 1.f / std::sqrt((float)hs);
 
   // The grid: every block resident at once (cooperative launch), at most one per SM (a barrier
   // waits for the slowest block; more blocks on an SM would only share its bandwidth), and no more
@@ -511,23 +489,12 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
   }
   p.attn_chunks = chunks;
 
-  // All steps in one launch, unless there are more (step, block) cache entries than the kernel's
-  // arguments hold: then a launch per kMaxEntries / R steps, each starting from the last one's state.
-  const int steps_per_launch = kMaxEntries / R;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t first = 0; first < num_steps; first += steps_per_launch) {
-    const int n = (int)std::min<int64_t>(steps_per_launch, num_steps - first);
-    p.num_steps = n;
-    p.s_in = first == 0 ? s.data_ptr<scalar_t>() : out.data_ptr<scalar_t>();
-    p.s_out = out.data_ptr<scalar_t>();
-    for (int e = 0; e < n * R; e++) {
-      p.k_cache[e] = k_cache[first * R + e].data_ptr<scalar_t>();
-      p.v_cache[e] = v_cache[first * R + e].data_ptr<scalar_t>();
-    }
+  launch_in_parts<scalar_t>(p, s, out, k_cache, v_cache, num_steps, [&] {
     void* args[] = {&p};
     C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks), dim3(kThreads), args,
                                                smem, stream));
-  }
+  });
 }
 
 }  // namespace

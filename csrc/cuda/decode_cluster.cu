@@ -66,26 +66,13 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxLaneFloats = 32;  // a lane's share of the state: h <= 32 * 32
 
 template <typename scalar_t>
-struct ClusterParams {
-  const scalar_t* s_in;     // (h) the state entering the launch
-  scalar_t* s_out;          // (h) the state after its last step
-  const scalar_t* e_proj;   // (h) W_e e
-  const scalar_t* adapter;  // (h, 2h), only W_s (the first h columns) is read; nullptr: no adapter
-  const scalar_t* cos;      // (hs/2) the angles of position pos
-  const scalar_t* sin;
-  const scalar_t* w[kMaxCoreBlocks][bw::COUNT];
-  scalar_t* k_cache[kMaxEntries];  // (nh, L, hs) each; entry step * R + j
-  scalar_t* v_cache[kMaxEntries];
-  int h, I, n_head, hs, R, num_steps, pos, L;
-  const int64_t* pos_on_device;  // as version 2: the position read on the device, pos its bound
-  int chunks;                    // phase C: slices of attn.proj's rows per head
-  int weights_in_smem;           // each phase's weight slice copied ahead into shared memory
-  int kv_in_smem;                // phase C's keys and values copied ahead into shared memory
-  int norms_in_smem;             // the 4R norm weights copied into shared memory once
-  float eps, attn_scale;
+struct ClusterParams : StepArgs<scalar_t> {
+  int chunks;           // phase C: slices of attn.proj's rows per head
+  int weights_in_smem;  // each phase's weight slice copied ahead into shared memory
+  int kv_in_smem;       // phase C's keys and values copied ahead into shared memory
+  int norms_in_smem;    // the 4R norm weights copied into shared memory once
 };
 static_assert(sizeof(ClusterParams<float>) <= 4096, "decode_steps: kernel arguments over 4 KB");
 
@@ -567,7 +554,7 @@ void launch_decode_cluster(const at::Tensor& s, const std::optional<at::Tensor>&
   const int asked = env_int("MINIRD_DECODE_CLUSTER", 16);
   TORCH_CHECK(asked == 8 || asked == 16, "decode_steps: MINIRD_DECODE_CLUSTER must be 8 or 16, got ", asked);
   const int h = (int)s.size(2), nh = (int)n_head, hs = h / nh, R = (int)(block_weights.size() / bw::COUNT);
-  const int I = (int)block_weights[bw::FC].size(0) / 2, L = (int)k_cache[0].size(2);
+  const int I = (int)block_weights[bw::FC].size(0) / 2;
   const int device = s.get_device();
   const char* why = cluster_refusal<scalar_t>(device, h, I, hs);
   TORCH_CHECK(why == nullptr, "decode_steps: MINIRD_DECODE_VERSION=4 does not apply: ", why);
@@ -621,31 +608,12 @@ void launch_decode_cluster(const at::Tensor& s, const std::optional<at::Tensor>&
   TORCH_CHECK(cl > 0, "decode_steps: MINIRD_DECODE_VERSION=4 does not apply at pos=", pos, ": ", why);
 
   ClusterParams<scalar_t> p{};
-  p.e_proj = e_proj ? e_proj->data_ptr<scalar_t>() : nullptr;
-  p.adapter = adapter_weight ? adapter_weight->data_ptr<scalar_t>() : nullptr;
-  p.cos = cos.data_ptr<scalar_t>();
-  p.sin = sin.data_ptr<scalar_t>();
-  for (int j = 0; j < R; j++) {
-    for (int w = 0; w < bw::COUNT; w++) p.w[j][w] = block_weights[j * bw::COUNT + w].data_ptr<scalar_t>();
-  }
-  p.h = h, p.I = I, p.n_head = nh, p.hs = hs, p.R = R, p.pos = (int)pos, p.L = L;
-  p.pos_on_device = pos_on_device ? pos_on_device->data_ptr<int64_t>() : nullptr;
+  fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
+                           pos_on_device);
   p.chunks = chunks;
   p.weights_in_smem = weights, p.kv_in_smem = kv, p.norms_in_smem = norms;
-  p.eps = (float)eps;
-  p.attn_scale = 1.f / std::sqrt((float)hs);
-  const int steps_per_launch = kMaxEntries / R;
-  for (int64_t first = 0; first < num_steps; first += steps_per_launch) {
-    const int n = (int)std::min<int64_t>(steps_per_launch, num_steps - first);
-    p.num_steps = n;
-    p.s_in = first == 0 ? s.data_ptr<scalar_t>() : out.data_ptr<scalar_t>();
-    p.s_out = out.data_ptr<scalar_t>();
-    for (int e = 0; e < n * R; e++) {
-      p.k_cache[e] = k_cache[first * R + e].data_ptr<scalar_t>();
-      p.v_cache[e] = v_cache[first * R + e].data_ptr<scalar_t>();
-    }
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
-  }
+  launch_in_parts<scalar_t>(p, s, out, k_cache, v_cache, num_steps,
+                            [&] { C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p)); });
 }
 
 }  // namespace

@@ -3,7 +3,9 @@
 // attention, and the layout constants they share. See decode.cu for what a decode step is.
 #pragma once
 
+#include <cmath>
 #include <cstdlib>
+#include <optional>
 #include <type_traits>
 
 #include "common.cuh"
@@ -273,5 +275,68 @@ __device__ inline void head_attention(const scalar_t* K, const scalar_t* V, int 
   __syncthreads();
 }
 
+
+
+// --- what both kernels take, and how the launcher fills it ------------------------------------------
+
+// The arguments of one launch that both versions read, by value (their own fields follow).
+template <typename scalar_t>
+struct StepArgs {
+  const scalar_t* s_in;     // (h) the state entering this launch's first step
+  scalar_t* s_out;          // (h) the state after its last step
+  const scalar_t* e_proj;   // (h) W_e e
+  const scalar_t* adapter;  // (h, 2h) [W_s W_e]: only W_s, the first h columns of each row, is read;
+                            // nullptr: no adapter, a step is the blocks alone (the prelude, the coda)
+  const scalar_t* cos;      // (hs/2) the angles of position pos
+  const scalar_t* sin;
+  const scalar_t* w[kMaxCoreBlocks][bw::COUNT];  // each core block's tensors, BlockWeight order
+  scalar_t* k_cache[kMaxEntries];                // (nh, L, hs) each; entry step * R + j
+  scalar_t* v_cache[kMaxEntries];
+  int h, I, n_head, hs, R, num_steps, pos, L;  // pos: the position, or its bound when pos_on_device is set
+  const int64_t* pos_on_device;  // (1) the position, read when the kernel starts; nullptr: pos
+  float eps, attn_scale;
+};
+
+// The fields of StepArgs that do not change from launch to launch (decode_steps' arguments, checked).
+template <typename scalar_t>
+void fill_step_args(StepArgs<scalar_t>& p, const at::Tensor& s, const std::optional<at::Tensor>& e_proj,
+                    const std::optional<at::Tensor>& adapter_weight, at::TensorList block_weights,
+                    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache0, int64_t pos,
+                    int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device) {
+  p.h = (int)s.size(2);
+  p.n_head = (int)n_head, p.hs = p.h / p.n_head, p.R = (int)(block_weights.size() / bw::COUNT);
+  p.I = (int)block_weights[bw::FC].size(0) / 2, p.pos = (int)pos, p.L = (int)k_cache0.size(2);
+  p.e_proj = e_proj ? e_proj->data_ptr<scalar_t>() : nullptr;
+  p.adapter = adapter_weight ? adapter_weight->data_ptr<scalar_t>() : nullptr;
+  p.cos = cos.data_ptr<scalar_t>();
+  p.sin = sin.data_ptr<scalar_t>();
+  const int R = p.R;
+  for (int j = 0; j < R; j++) {
+    for (int k = 0; k < bw::COUNT; k++) p.w[j][k] = block_weights[j * bw::COUNT + k].data_ptr<scalar_t>();
+  }
+  p.pos_on_device = pos_on_device ? pos_on_device->data_ptr<int64_t>() : nullptr;
+  p.eps = (float)eps;
+  p.attn_scale = 1.f / std::sqrt((float)p.hs);
+}
+
+// All steps in one launch, unless there are more (step, block) cache entries than the kernel's
+// arguments hold: then a launch per kMaxEntries / R steps, each starting from the last one's state.
+// launch() starts the kernel on p as it is filled for that launch.
+template <typename scalar_t, typename Launch>
+void launch_in_parts(StepArgs<scalar_t>& p, const at::Tensor& s, at::Tensor& out, at::TensorList k_cache,
+                     at::TensorList v_cache, int64_t num_steps, Launch&& launch) {
+  const int R = p.R, steps_per_launch = kMaxEntries / R;
+  for (int64_t first = 0; first < num_steps; first += steps_per_launch) {
+    const int n = (int)std::min<int64_t>(steps_per_launch, num_steps - first);
+    p.num_steps = n;
+    p.s_in = first == 0 ? s.data_ptr<scalar_t>() : out.data_ptr<scalar_t>();
+    p.s_out = out.data_ptr<scalar_t>();
+    for (int e = 0; e < n * R; e++) {
+      p.k_cache[e] = k_cache[first * R + e].data_ptr<scalar_t>();
+      p.v_cache[e] = v_cache[first * R + e].data_ptr<scalar_t>();
+    }
+    launch();
+  }
+}
 
 }  // namespace minird
