@@ -7,11 +7,11 @@
 // decode_steps runs version 2 unless asked. Measured (H200, bf16, h = 256, R = 4, 16 steps from a
 // CUDA graph, 2026-12-04): 65.2 us/step at pos 5 and 67.8 at pos 127, against version 2's 55.8 and
 // 62.6; 60.9 / 63.3 with the weights read from L2 instead of staged; a cluster of 8: 71.5 / 73.9.
-// Where it goes (the phases stamped inside, scratch runs of tools/decode_phase_timing.py
-// --version 4): issuing a phase's copies takes 1.3-2.0 us (24-64 KB per block: per-thread 16-byte
-// cp.async moves only ~35 GB/s per SM, and a thread stalls until its copies are queued), and the
-// phases themselves are 2-4x slower than their arithmetic (a norm 0.5-1 us, the fc pairs ~2 us)
-// while those copies land. The next step is the copy engine: one cp.async.bulk per contiguous
+// Where it goes (tools/decode_phase_timing.py --version 4 stamps its barriers; a scratch copy with a
+// stamp between the pieces of every phase said the rest): issuing a phase's copies takes 1.3-2.0
+// us (24-64 KB per block: per-thread 16-byte cp.async moves only ~35 GB/s per SM, and a thread
+// stalls until its copies are queued), and the phases themselves are 2-4x slower than their
+// arithmetic (a norm 0.5-1 us, the fc pairs ~2 us) while those copies land. The next step is the copy engine: one cp.async.bulk per contiguous
 // slice (B, D, E are one or two), completed on an mbarrier, issued by one thread.
 //
 // Why a cluster. Version 2 waits at 4R + 1 grid-wide barriers a step, ~1 us each even when empty
