@@ -1,6 +1,7 @@
 // The device pieces that both decode kernels are built from (decode.cu: version 2, one cooperative
 // grid; decode_cluster.cu: version 4, one thread block cluster): loads, the warp's GEMV, one head's
-// attention, and the layout constants they share. See decode.cu for what a decode step is.
+// attention, the layout constants they share, and on the host the arguments both take (StepArgs)
+// with their filling and the split into launches. See decode.cu for what a decode step is.
 #pragma once
 
 #include <cmath>
