@@ -78,7 +78,6 @@ static_assert(sizeof(ClusterParams<float>) <= 4096, "decode_steps: kernel argume
 
 // [begin, end) of n items for block rank of cl: contiguous, sizes differ by at most one
 __host__ __device__ inline int split_begin(int n, int rank, int cl) { return (int)((int64_t)n * rank / cl); }
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Everything the kernel and the launcher must agree on: the slices and the shared-memory layout.
 template <typename scalar_t>
@@ -207,17 +206,6 @@ __device__ inline void push_to_all(cg::cluster_group& cluster, float* buf, int i
   if (lane < cl) *cluster.map_shared_rank(buf + i, lane) = v;
 }
 
-// n rows of `row` elements, `stride` apart in global memory, into dense rows in shared memory
-template <typename scalar_t>
-__device__ inline void copy_rows_async(scalar_t* dst, const scalar_t* src, int n, int row, int64_t stride) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int per_row = row / kVec;
-  for (int c = threadIdx.x; c < n * per_row; c += blockDim.x) {
-    const int r = c / per_row, offset = c % per_row * kVec;
-    copy16_async(dst + r * row + offset, src + r * stride + offset);
-  }
-}
-
 // --- the kernel ------------------------------------------------------------------------------------
 
 enum Phase { A, B, C, D, E };
@@ -285,31 +273,28 @@ __global__ void __launch_bounds__(kThreads) decode_cluster_kernel(const __grid_c
       // a buffer that holds the same weights as last time is not copied again
       const bool copy_weights = p.weights_in_smem && (step == 0 || (kind != A && R > 1));
       if (kind == A && copy_weights) {
-        copy_rows_async(Wa, p.adapter + (int64_t)a0 * 2 * h, a1 - a0, h, 2 * h);
+        copy_rows_async(Wa, h, p.adapter + (int64_t)a0 * 2 * h, 2 * h, a1 - a0, h, threadIdx.x, blockDim.x);
       } else if (kind == B && copy_weights) {
-        copy_rows_async(Wb, w[bw::WQKV] + (int64_t)2 * b0 * h, 2 * (b1 - b0), h, h);
+        copy_rows_async(Wb, h, w[bw::WQKV] + (int64_t)2 * b0 * h, h, 2 * (b1 - b0), h, threadIdx.x, blockDim.x);
       } else if (kind == C) {
         if (copy_weights && one_item && has_item) {
-          copy_rows_async(Wc, w[bw::ATTN_PROJ] + (int64_t)c0 * h + my_head * hs, c1 - c0, hs, h);
+          copy_rows_async(Wc, hs, w[bw::ATTN_PROJ] + (int64_t)c0 * h + my_head * hs, h, c1 - c0, hs, threadIdx.x,
+                          blockDim.x);
         }
         // rows 0 .. pos - 1 (row pos is pushed in phase B); kv_in_smem means one item per block
         if (p.kv_in_smem && has_item && pos > 0) {
           const int e = step * R + j;
           for (int which = 0; which < 2; which++) {
             const scalar_t* src = (which == 0 ? p.k_cache[e] : p.v_cache[e]) + (int64_t)my_head * L * hs;
-            constexpr int kVec = 16 / sizeof(scalar_t);
-            const int per_row = hs / kVec;
-            for (int c = threadIdx.x; c < pos * per_row; c += blockDim.x) {
-              const int t = c / per_row, offset = c % per_row * kVec;
-              copy16_async(kv_rows[which] + t * kv_stride + offset, src + (int64_t)t * hs + offset);
-            }
+            copy_rows_async(kv_rows[which], kv_stride, src, hs, pos, hs, threadIdx.x, blockDim.x);
           }
         }
       } else if (kind == D && copy_weights) {
-        copy_rows_async(Wd, w[bw::FC] + (int64_t)d0 * h, d1 - d0, h, h);
-        copy_rows_async(Wd + (d1 - d0) * h, w[bw::FC] + (int64_t)(I + d0) * h, d1 - d0, h, h);
+        copy_rows_async(Wd, h, w[bw::FC] + (int64_t)d0 * h, h, d1 - d0, h, threadIdx.x, blockDim.x);
+        copy_rows_async(Wd + (d1 - d0) * h, h, w[bw::FC] + (int64_t)(I + d0) * h, h, d1 - d0, h, threadIdx.x,
+                        blockDim.x);
       } else if (kind == E && copy_weights) {
-        copy_rows_async(We, w[bw::MLP_PROJ] + (int64_t)e0 * I, e1 - e0, I, I);
+        copy_rows_async(We, I, w[bw::MLP_PROJ] + (int64_t)e0 * I, I, e1 - e0, I, threadIdx.x, blockDim.x);
       }
     }
     cp_async_commit();

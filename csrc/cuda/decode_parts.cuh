@@ -22,6 +22,7 @@ constexpr int kMaxEntries = 96;     // (step, block) KV-cache entries that one l
 
 // n floats rounded up to a multiple of 4, so that every piece of shared memory is 16-byte aligned
 __host__ __device__ inline int round4(int n) { return (n + 3) / 4 * 4; }
+__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Phase C's copy of one head's keys and values (rows 0 .. pos): elements between rows, hs + 16
 // bytes (rows t are read by threads t: without the pad every 8th thread would hit the same
@@ -116,7 +117,7 @@ __device__ inline void load_data_pair(const scalar_t* p, float* f) {
   }
 }
 
-__device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // 16 bytes from global to shared memory without passing through registers (cp.async, sm_80 and
 // later: the copy runs while the block goes on, until cp_async_wait_all); a plain copy before sm_80.
@@ -127,6 +128,20 @@ __device__ inline void copy16_async(void* dst_shared, const void* src_global) {
 #else
   *reinterpret_cast<uint4*>(dst_shared) = __ldcg(reinterpret_cast<const uint4*>(src_global));
 #endif
+}
+
+// n rows of `row` elements (a multiple of 16 bytes) from global memory, src_stride apart, into shared
+// memory, dst_stride apart, in 16-byte cp.async's by the threads me, me + n_threads, ... (a block:
+// threadIdx.x, blockDim.x; one warp: its lane, 32). They have landed after cp_async_wait_*.
+template <typename scalar_t>
+__device__ inline void copy_rows_async(scalar_t* dst, int dst_stride, const scalar_t* src, int64_t src_stride, int n,
+                                       int row, int me, int n_threads) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int per_row = row / kVec;
+  for (int c = me; c < n * per_row; c += n_threads) {
+    const int r = c / per_row, offset = c % per_row * kVec;
+    copy16_async(dst + r * dst_stride + offset, src + r * src_stride + offset);
+  }
 }
 
 __device__ inline void cp_async_wait_all() {  // this thread's copies have landed (then __syncthreads for all)
