@@ -287,13 +287,46 @@ def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
     the grid size (MINIRD_DECODE_BLOCKS; 1 block runs every phase's grid-stride loops alone), where
     the norm weights are read from (MINIRD_DECODE_NORMS_IN_SMEM=0) and where phase C reads the keys
     and values from (MINIRD_DECODE_KV_IN_SMEM=0: the cache in L2, not the block's staged copy; a grid
-    of 1 or 3 blocks, with more attention items than blocks, reads L2 too) must not change a bit.
-    Version 2 (the grid) here; version 4 in test_same_bits_for_any_cluster."""
+    of 1 or 3 blocks, with more attention items than blocks, reads L2 too) and where the GEMVs read
+    their rows from (MINIRD_DECODE_WEIGHTS_IN_SMEM=16: every core block's from the warps' copies in
+    shared memory, where they fit; =1: only the first core block's; unset: L2) must not change a bit. Version 2 (the grid) here; version 4 in
+    test_same_bits_for_any_cluster."""
     monkeypatch.setenv("MINIRD_DECODE_VERSION", "2")
     assert_same_bits_under(monkeypatch, Case(h, n_head, 4, 3, pos, dtype, slots=1),
                            [{"MINIRD_DECODE_BLOCKS": "1"}, {"MINIRD_DECODE_BLOCKS": "3"},
                             {"MINIRD_DECODE_BLOCKS": "100000"}, {"MINIRD_DECODE_NORMS_IN_SMEM": "0"},
-                            {"MINIRD_DECODE_KV_IN_SMEM": "0"}])
+                            {"MINIRD_DECODE_KV_IN_SMEM": "0"}, {"MINIRD_DECODE_WEIGHTS_IN_SMEM": "16"},
+                            {"MINIRD_DECODE_WEIGHTS_IN_SMEM": "1"}])
+
+
+def decode_plan(monkeypatch, capfd, case, env):
+    """What version 2's launcher put in shared memory for the case's call under env (its
+    MINIRD_DECODE_VERBOSE line, e.g. '... holding the norm weights: yes, ...')."""
+    with monkeypatch.context() as m:
+        for key, value in {"MINIRD_DECODE_VERSION": "2", "MINIRD_DECODE_VERBOSE": "1", **env}.items():
+            m.setenv(key, value)
+        capfd.readouterr()
+        case.run(torch.ops.minird.decode_steps)
+        torch.cuda.synchronize()
+        lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("decode_steps: version 2")]
+    assert lines, "MINIRD_DECODE_VERBOSE=1 printed no plan"
+    return lines[-1]
+
+
+def test_weights_in_shared_memory_where_they_fit(monkeypatch, capfd):
+    """The same-bits test above means something only if the copies are made. They are opt-in
+    (MINIRD_DECODE_WEIGHTS_IN_SMEM=n: at most n core blocks): at h = 96 every core block's rows fit
+    in the blocks' shared memory, n caps the count, and a grid with more attention items than blocks
+    keeps them in L2. At h = 256 in fp32 (I = 1024, a 128-token cache) they do not all fit: some of
+    the R core blocks, not an error."""
+    case = Case(96, 4, 4, 3, 5, torch.bfloat16, slots=1)
+    every = {"MINIRD_DECODE_WEIGHTS_IN_SMEM": "16"}
+    for env, held in (({}, 0), (every, 4), ({"MINIRD_DECODE_WEIGHTS_IN_SMEM": "1"}, 1),
+                      ({**every, "MINIRD_DECODE_BLOCKS": "3"}, 0)):
+        plan = decode_plan(monkeypatch, capfd, case, env)
+        assert f"the weights of {held} of 4 core blocks" in plan, f"{env}: {plan}"
+    some = decode_plan(monkeypatch, capfd, Case(256, 4, 4, 1, 127, torch.float32, slots=1), every)
+    assert "of 4 core blocks" in some and not any(f"weights of {n} of 4" in some for n in (0, 4)), some
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -99,6 +99,7 @@
 #include <cooperative_groups.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <string>
 
 #include "decode.h"
@@ -203,6 +204,30 @@ struct DecodeParams : StepArgs<scalar_t> {
   int attn_chunks;  // phase C splits attn.proj's h rows into this many slices per head
   int norms_in_smem;  // the 4R norm weights fit in shared memory: copied there once, at the start
   int kv_in_smem;     // phase C reads its head's keys and values from a shared copy made during phase B
+  int weight_layers;  // the first weight_layers core blocks' GEMV rows (and the adapter's) are read from
+                      // each block's shared copy, made once at the start (WeightSlots); the rest from L2
+};
+
+// Which rows of a weight a warp multiplies never changes during a launch: its tasks are gwarp,
+// gwarp + n_gwarps, ... in every phase's grid-stride loop. So each warp can keep its own rows in
+// shared memory for the whole launch, read from L2 once instead of once per step, and each phase
+// then waits for no L2 load of a weight. The slots, in elements: no warp has more than
+// ceil(n / n_gwarps) of a phase's n tasks, so every warp gets that many.
+struct WeightSlots {
+  int a;        // per warp: phase A's rows of the adapter (h each), if there is one
+  int b, d, e;  // per warp and core block: B's row pairs of Wqkv, D's (gate, up) pairs of mlp.fc, E's rows of mlp.proj
+  int c;        // per block and core block: phase C's slice of attn.proj (its rows, the head's hs columns)
+  __host__ __device__ WeightSlots(int h, int I, int hs, int n_gwarps, int rows_per_chunk, bool adapter)
+      : a(adapter ? ceil_div(h, n_gwarps) * h : 0),
+        b(ceil_div(3 * h / 2, n_gwarps) * 2 * h),
+        d(ceil_div(I, n_gwarps) * 2 * h),
+        e(ceil_div(h, n_gwarps) * I),
+        c(rows_per_chunk * hs) {}
+  // elements one warp holds for `layers` core blocks (the adapter's rows come with the first)
+  __host__ __device__ int per_warp(int layers) const { return layers > 0 ? a + layers * (b + d + e) : 0; }
+  __host__ __device__ int64_t per_block(int layers, int warps) const {
+    return (int64_t)warps * per_warp(layers) + (int64_t)layers * c;
+  }
 };
 
 // The launch passes the struct by value: keep it under the classic 4 KB of kernel arguments.
@@ -212,6 +237,17 @@ static_assert(sizeof(DecodeParams<float>) <= 4096, "decode_steps: kernel argumen
 // weights (4 per core block) come last, when the launcher keeps them there.
 inline int decode_smem_floats(int h, int I, int hs, int pos) {
   return round4(h) + round4(std::max(h, I)) + 2 * round4(hs) + round4(std::max(2 * kThreads, hs)) + round4(pos + 1);
+}
+
+// warp_dot on rows in this block's shared copy (`shared`) or in global memory (the read-only path)
+template <typename scalar_t, int NR>
+__device__ inline void dot_rows(bool shared, const scalar_t* const (&rows)[NR], const float* x, int n,
+                                float (&out)[NR]) {
+  if (shared) {
+    warp_dot<scalar_t, NR, true>(rows, x, n, out);
+  } else {
+    warp_dot<scalar_t, NR>(rows, x, n, out);
+  }
 }
 
 template <typename scalar_t>
@@ -243,6 +279,16 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
   const int chunks_per_row = hs / kVec;        // (kv_in_smem: hs * sizeof(scalar_t) is a multiple of 16)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gwarp = blockIdx.x * kWarps + warp, n_gwarps = gridDim.x * kWarps;  // warps of the grid
+  const int rows_per_chunk = ceil_div(h, p.attn_chunks);  // phase C's slice of attn.proj rows
+  // The shared copies of the weights (p.weight_layers > 0): every warp's slots, then phase C's slice
+  // per core block. Row r of phase C's slice for core block j is c_rows(j) + (r - r0) * hs.
+  const WeightSlots slots(h, I, hs, n_gwarps, rows_per_chunk, p.adapter != nullptr);
+  scalar_t* const staged = reinterpret_cast<scalar_t*>(norms + (p.norms_in_smem ? kNormsPerBlock * p.R * h : 0));
+  scalar_t* const a_rows = staged + warp * slots.per_warp(p.weight_layers);
+  auto b_rows = [&](int j) { return a_rows + slots.a + j * (slots.b + slots.d + slots.e); };
+  auto d_rows = [&](int j) { return b_rows(j) + slots.b; };
+  auto e_rows = [&](int j) { return d_rows(j) + slots.d; };
+  auto c_rows = [&](int j) { return staged + kWarps * slots.per_warp(p.weight_layers) + j * slots.c; };
 
   for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = static_cast<float>(p.s_in[i]);
   if (p.norms_in_smem) {  // read once here instead of once per norm per step from L2
@@ -257,16 +303,41 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
   auto norm_w = [&](int j, int which) {
     return p.norms_in_smem ? norms + (j * kNormsPerBlock + norm_slot(which)) * h : nullptr;
   };
+  if (p.weight_layers > 0) {  // each warp copies its own rows; the block its phase C slice (one item)
+    for (int r = gwarp, t = 0; p.adapter != nullptr && r < h; r += n_gwarps, t++) {
+      copy_rows_async(a_rows + t * h, h, p.adapter + (int64_t)r * 2 * h, 2 * h, 1, h, lane, 32);
+    }
+    for (int j = 0; j < p.weight_layers; j++) {
+      const scalar_t* const* w = p.w[j];
+      for (int pair = gwarp, t = 0; pair < 3 * h / 2; pair += n_gwarps, t++) {
+        copy_rows_async(b_rows(j) + t * 2 * h, h, w[bw::WQKV] + (int64_t)2 * pair * h, h, 2, h, lane, 32);
+      }
+      for (int i = gwarp, t = 0; i < I; i += n_gwarps, t++) {
+        copy_rows_async(d_rows(j) + t * 2 * h, h, w[bw::FC] + (int64_t)i * h, h, 1, h, lane, 32);
+        copy_rows_async(d_rows(j) + t * 2 * h + h, h, w[bw::FC] + (int64_t)(I + i) * h, h, 1, h, lane, 32);
+      }
+      for (int r = gwarp, t = 0; r < h; r += n_gwarps, t++) {
+        copy_rows_async(e_rows(j) + t * I, I, w[bw::MLP_PROJ] + (int64_t)r * I, I, 1, I, lane, 32);
+      }
+      if ((int)blockIdx.x < nh * p.attn_chunks) {
+        const int head = blockIdx.x % nh, r0 = blockIdx.x / nh * rows_per_chunk, r1 = min(h, r0 + rows_per_chunk);
+        copy_rows_async(c_rows(j), hs, w[bw::ATTN_PROJ] + (int64_t)r0 * h + head * hs, h, r1 - r0, hs, threadIdx.x,
+                        blockDim.x);
+      }
+    }
+    cp_async_wait_all();
+  }
   __syncthreads();
 
   for (int step = 0; step < p.num_steps; step++) {
     // ---- A: s_adapted = W_s s + e_proj (one rounding, as addmm) ----
     if (p.adapter != nullptr) {
-      for (int r = gwarp; r < h; r += n_gwarps) {
+      for (int r = gwarp, t = 0; r < h; r += n_gwarps, t++) {
         const float e = load_weight(p.e_proj + r);  // (loaded first: its wait overlaps the row's)
-        const scalar_t* rows[1] = {p.adapter + (int64_t)r * 2 * h};
+        const bool shared = p.weight_layers > 0;
+        const scalar_t* rows[1] = {shared ? a_rows + t * h : p.adapter + (int64_t)r * 2 * h};
         float dot[1];
-        warp_dot<scalar_t, 1>(rows, s, h, dot);
+        dot_rows<scalar_t, 1>(shared, rows, s, h, dot);
         if (lane == 0) p.s_adapted[r] = round_to<scalar_t>(dot[0] + e);
       }
       grid.sync();
@@ -274,24 +345,21 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
 
     for (int j = 0; j < p.R; j++) {
       const scalar_t* const* w = p.w[j];
+      const bool shared = j < p.weight_layers;  // this core block's rows are in shared memory
       scalar_t* k_cache = p.k_cache[step * p.R + j];
       scalar_t* v_cache = p.v_cache[step * p.R + j];
 
       // ---- B: x = norm_1(s); qkv = Wqkv x; bias + RoPE; q -> scratch, k, v -> the cache at pos ----
       if (stage_kv) {  // phase C's keys and values before pos, copied while B runs (B does not read them)
-        const int head = blockIdx.x % nh, rows_of_head = pos * chunks_per_row;
-        for (int c = threadIdx.x; c < 2 * rows_of_head; c += blockDim.x) {
-          const int which = c / rows_of_head, t = c % rows_of_head / chunks_per_row;
-          const int offset = c % chunks_per_row * kVec;
-          const scalar_t* src = (which == 0 ? k_cache : v_cache) + ((int64_t)head * L + t) * hs + offset;
-          copy16_async(kv_rows[which] + t * kv_stride + offset, src);
-        }
+        const int64_t head_rows = (int64_t)(blockIdx.x % nh) * L * hs;
+        copy_rows_async(kv_rows[0], kv_stride, k_cache + head_rows, hs, pos, hs, threadIdx.x, blockDim.x);
+        copy_rows_async(kv_rows[1], kv_stride, v_cache + head_rows, hs, pos, hs, threadIdx.x, blockDim.x);
       }
       if (j == 0 && p.adapter != nullptr) {
         for (int i = threadIdx.x; i < h; i += blockDim.x) s[i] = __ldcg(p.s_adapted + i);
       }  // (else s is already the input, or norm_4 of the previous block, below)
       rmsnorm_block<scalar_t>(s, w[bw::NORM_1], norm_w(j, bw::NORM_1), x, h, eps, red);
-      for (int pair = gwarp; pair < 3 * h / 2; pair += n_gwarps) {
+      for (int pair = gwarp, t = 0; pair < 3 * h / 2; pair += n_gwarps, t++) {
         const int row = 2 * pair;  // rows (row, row + 1) of Wqkv: one rotation pair (x[2i], x[2i+1])
         const int part = row / h, c = row % h, head = c / hs, d = c % hs;  // part 0, 1, 2 = q, k, v; d even
         // the bias (flat index part * h + c = row) and the angle, loaded before the rows: one wait for all
@@ -302,9 +370,10 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
           cs = load_weight(p.cos + d / 2);
           sn = load_weight(p.sin + d / 2);
         }
-        const scalar_t* rows[2] = {w[bw::WQKV] + (int64_t)row * h, w[bw::WQKV] + (int64_t)(row + 1) * h};
+        const scalar_t* row0 = shared ? b_rows(j) + t * 2 * h : w[bw::WQKV] + (int64_t)row * h;
+        const scalar_t* rows[2] = {row0, row0 + h};
         float dot[2];
-        warp_dot<scalar_t, 2>(rows, x, h, dot);
+        dot_rows<scalar_t, 2>(shared, rows, x, h, dot);
         if (lane == 0) {
           float a = round_to<scalar_t>(dot[0]), b = round_to<scalar_t>(dot[1]);  // the GEMV output, as stored
           if (part < 2) {  // q, k: + qk_bias[part], then rotate (as rope.cu)
@@ -328,7 +397,6 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
       grid.sync();
 
       // ---- C: per (head, slice of attn.proj rows): attention of the head, times its hs columns ----
-      const int rows_per_chunk = (h + p.attn_chunks - 1) / p.attn_chunks;
       for (int item = blockIdx.x; item < nh * p.attn_chunks; item += gridDim.x) {
         const int head = item % nh, chunk = item / nh;
         const scalar_t* K = k_cache + (int64_t)head * L * hs;  // (L, hs), rows 0 .. pos are read
@@ -358,10 +426,11 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
           const scalar_t* rows[4];
 #pragma unroll
           for (int k = 0; k < 4; k++) {  // (past r1: repeat the last row, and drop its result)
-            rows[k] = w[bw::ATTN_PROJ] + (int64_t)min(r + k * kWarps, r1 - 1) * h + head * hs;
+            const int row = min(r + k * kWarps, r1 - 1);
+            rows[k] = shared ? c_rows(j) + (row - r0) * hs : w[bw::ATTN_PROJ] + (int64_t)row * h + head * hs;
           }
           float dot[4];
-          warp_dot<scalar_t, 4>(rows, att, hs, dot);
+          dot_rows<scalar_t, 4>(shared, rows, att, hs, dot);
           if (lane == 0) {
 #pragma unroll
             for (int k = 0; k < 4; k++) {
@@ -380,10 +449,14 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
       }
       rmsnorm_block<scalar_t>(s, w[bw::NORM_2], norm_w(j, bw::NORM_2), s, h, eps, red);
       rmsnorm_block<scalar_t>(s, w[bw::NORM_3], norm_w(j, bw::NORM_3), x, h, eps, red);
-      for (int i = gwarp; i < I; i += n_gwarps) {
+      for (int i = gwarp, t = 0; i < I; i += n_gwarps, t++) {
         const scalar_t* rows[2] = {w[bw::FC] + (int64_t)i * h, w[bw::FC] + (int64_t)(I + i) * h};
+        if (shared) {  // (gate, up) side by side in the copy
+          rows[0] = d_rows(j) + t * 2 * h;
+          rows[1] = rows[0] + h;
+        }
         float dot[2];
-        warp_dot<scalar_t, 2>(rows, x, h, dot);
+        dot_rows<scalar_t, 2>(shared, rows, x, h, dot);
         if (lane == 0) {
           const float gate = round_to<scalar_t>(dot[0]), up = round_to<scalar_t>(dot[1]);
           p.u[i] = round_to<scalar_t>(round_to<scalar_t>(gate / (1.f + expf(-gate))) * up);  // as swiglu.cu
@@ -394,10 +467,10 @@ __global__ void __launch_bounds__(kThreads) decode_steps_kernel(const __grid_con
       // ---- E: y_mlp = mlp.proj u ----
       for (int i = threadIdx.x; i < I; i += blockDim.x) x[i] = __ldcg(p.u + i);
       __syncthreads();
-      for (int r = gwarp; r < h; r += n_gwarps) {
-        const scalar_t* rows[1] = {w[bw::MLP_PROJ] + (int64_t)r * I};
+      for (int r = gwarp, t = 0; r < h; r += n_gwarps, t++) {
+        const scalar_t* rows[1] = {shared ? e_rows(j) + t * I : w[bw::MLP_PROJ] + (int64_t)r * I};
         float dot[1];
-        warp_dot<scalar_t, 1>(rows, x, I, dot);
+        dot_rows<scalar_t, 1>(shared, rows, x, I, dot);
         if (lane == 0) p.y_mlp[r] = round_to<scalar_t>(dot[0]);
       }
       grid.sync();
@@ -425,69 +498,93 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
   const int I = (int)block_weights[bw::FC].size(0) / 2;
   const int device = s.get_device();
 
-  // scratch: s_adapted (h), q (h), y_heads (nh * h), u (I), y_mlp (h)
-  at::Tensor scratch = at::empty({3 * h + nh * h + I}, s.options().dtype(at::kFloat));
+  // scratch: s_adapted (h, with an adapter), q (h), y_heads (nh * h), u (I), y_mlp (h)
+  const int adapted = adapter_weight ? h : 0;
+  at::Tensor scratch = at::empty({adapted + 2 * h + nh * h + I}, s.options().dtype(at::kFloat));
   DecodeParams<scalar_t> p{};
   fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
                            pos_on_device);
   p.s_adapted = scratch.data_ptr<float>();
-  p.q = p.s_adapted + h;
+  p.q = p.s_adapted + adapted;
   p.y_heads = p.q + h;
   p.u = p.y_heads + nh * h;
   p.y_mlp = p.u + I;
 
-  // The grid: every block resident at once (cooperative launch), at most one per SM (a barrier
-  // waits for the slowest block; more blocks on an SM would only share its bandwidth), and no more
-  // than the widest phase has warp tasks for.
   auto kernel = decode_steps_kernel<scalar_t>;
-  size_t smem = sizeof(float) * decode_smem_floats(h, I, hs, (int)pos);
   int coop = 0, smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   TORCH_CHECK(coop, "decode_steps: this GPU does not support cooperative launches");
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t budget = (size_t)smem_optin - 32 * sizeof(float);  // (less the static reduction scratch)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)budget));
+  // blocks of `smem_bytes` that fit on one SM at once
+  auto per_sm = [&](size_t smem_bytes) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem_bytes));
+    return n;
+  };
+
+  // Shared memory, piece by piece, each where it fits in what the ones before it left.
+  size_t smem = sizeof(float) * decode_smem_floats(h, I, hs, (int)pos);
+  TORCH_CHECK(smem <= budget, "decode_steps: h=", h, ", I=", I, ", pos=", pos, " need ", smem,
+              " bytes of shared memory per block, more than this GPU's ", budget);
   const size_t norms_bytes = sizeof(float) * kNormsPerBlock * R * h;
   p.norms_in_smem = smem + norms_bytes <= 96 * 1024 && env_int("MINIRD_DECODE_NORMS_IN_SMEM", 1) != 0;
   if (p.norms_in_smem) smem += norms_bytes;
-  TORCH_CHECK(smem + 32 * sizeof(float) <= (size_t)smem_optin, "decode_steps: h=", h, ", I=", I, ", pos=", pos,
-              " need ", smem, " bytes of shared memory per block, more than this GPU's ", smem_optin);
-
-  // The grid for a given shared memory size: blocks, and phase C's slices of attn.proj rows per head.
-  const int resident = sm_count();  // one block per SM (per_sm >= 1 guarantees they fit)
-  const int widest = std::max({h, 3 * h / 2, I});  // warp tasks of phases A, B, D, E
-  const int forced = env_int("MINIRD_DECODE_BLOCKS", 0);
-  const int64_t kv_bytes = 2LL * (pos + 1) * h * (int64_t)sizeof(scalar_t);  // all heads' keys and values
-  auto plan_grid = [&](size_t smem_bytes, int& blocks, int& chunks) {
-    if (smem_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
-    }
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
-    TORCH_CHECK(per_sm >= 1, "decode_steps: the kernel does not fit on one SM (shared memory ", smem_bytes, " bytes)");
-    blocks = std::min(resident, (widest + kWarps - 1) / kWarps);
-    if (forced > 0) blocks = std::min(forced, per_sm * resident);
-    // Phase C: a block per (head, slice of attn.proj rows). More slices use more SMs but re-read the
-    // head's keys and values once per slice: at most ~2 MB of them per phase.
-    int64_t c = std::max(1, blocks / nh);
-    c = std::min<int64_t>(c, (h + kWarps - 1) / kWarps);  // at least a row per warp
-    c = std::min<int64_t>(c, std::max<int64_t>(1, (2LL << 20) / kv_bytes));
-    chunks = (int)std::max<int64_t>(1, c);
-  };
-  // Phase C's keys and values in shared memory, copied during phase B: where each block has at most
-  // one attention item, the rows are whole 16-byte copies, and they fit (long contexts read L2).
-  int blocks = 0, chunks = 0;
+  // Phase C's keys and values, copied during phase B: where the rows are whole 16-byte copies and
+  // they fit (long contexts read L2), and no block has more than one attention item (below).
   const size_t kv_smem = sizeof(float) * kv_smem_floats<scalar_t>(hs, (int)pos);
-  p.kv_in_smem = env_int("MINIRD_DECODE_KV_IN_SMEM", 1) != 0 && hs * sizeof(scalar_t) % 16 == 0 &&
-                 smem + kv_smem + 32 * sizeof(float) <= (size_t)smem_optin;
-  if (p.kv_in_smem) {
-    plan_grid(smem + kv_smem, blocks, chunks);
-    p.kv_in_smem = nh * chunks <= blocks;
+  const bool kv_fits = env_int("MINIRD_DECODE_KV_IN_SMEM", 1) != 0 && hs * sizeof(scalar_t) % 16 == 0 &&
+                       smem + kv_smem <= budget;
+
+  // The grid: every block resident at once (cooperative launch), at most one per SM (a barrier
+  // waits for the slowest block; more blocks on an SM would only share its bandwidth), and no more
+  // than the widest phase has warp tasks for. MINIRD_DECODE_BLOCKS forces a count, up to what fits.
+  const int resident = sm_count();
+  const int widest = std::max({h, 3 * h / 2, I});  // warp tasks of phases A, B, D, E
+  const int fit = per_sm(smem + (kv_fits ? kv_smem : 0));
+  TORCH_CHECK(fit >= 1, "decode_steps: the kernel does not fit on one SM (shared memory ", smem, " bytes)");
+  const int forced = env_int("MINIRD_DECODE_BLOCKS", 0);
+  const int blocks = forced > 0 ? std::min(forced, fit * resident) : std::min(resident, ceil_div(widest, kWarps));
+  // Phase C: a block per (head, slice of attn.proj rows). More slices use more SMs but re-read the
+  // head's keys and values once per slice: at most ~2 MB of them per phase.
+  const int64_t kv_bytes = 2LL * (pos + 1) * h * (int64_t)sizeof(scalar_t);  // all heads' keys and values
+  int64_t chunks = std::max(1, blocks / nh);
+  chunks = std::min<int64_t>(chunks, ceil_div(h, kWarps));  // at least a row per warp
+  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, (2LL << 20) / kv_bytes));
+  p.attn_chunks = (int)chunks;
+  const bool one_item_per_block = nh * chunks <= blocks;
+  p.kv_in_smem = kv_fits && one_item_per_block;
+  if (p.kv_in_smem) smem += kv_smem;
+
+  // The weights' rows, opt-in (MINIRD_DECODE_WEIGHTS_IN_SMEM=n: at most n core blocks; 0, the
+  // default: none, until it has been measured on a GPU), as many core blocks as fit, where each
+  // block has one SM (more would share its shared memory) and one attention item, and every row is
+  // whole 16-byte copies.
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  bool aligned = h % kVec == 0 && hs % kVec == 0 && I % kVec == 0 && aligned16(p.e_proj) && aligned16(p.adapter);
+  for (int j = 0; j < R; j++) {
+    for (int k : {bw::WQKV, bw::ATTN_PROJ, bw::FC, bw::MLP_PROJ}) aligned = aligned && aligned16(p.w[j][k]);
   }
-  if (p.kv_in_smem) {
-    smem += kv_smem;
-  } else {
-    plan_grid(smem, blocks, chunks);
+  p.weight_layers = 0;
+  if (aligned && one_item_per_block && blocks <= resident) {
+    const WeightSlots slots(h, I, hs, blocks * kWarps, ceil_div(h, p.attn_chunks), adapter_weight.has_value());
+    const int most = std::min(R, env_int("MINIRD_DECODE_WEIGHTS_IN_SMEM", 0));
+    while (p.weight_layers < most &&
+           smem + sizeof(scalar_t) * slots.per_block(p.weight_layers + 1, kWarps) <= budget) {
+      p.weight_layers++;
+    }
+    smem += sizeof(scalar_t) * slots.per_block(p.weight_layers, kWarps);
   }
-  p.attn_chunks = chunks;
+  TORCH_CHECK(per_sm(smem) * resident >= blocks, "decode_steps: ", blocks, " blocks of ", smem,
+              " bytes of shared memory do not fit on this GPU at once");
+  if (env_int("MINIRD_DECODE_VERBOSE", 0) != 0) {  // the plan, for a reader or a test (MINIRD_DECODE_VERBOSE=1)
+    std::fprintf(stderr,
+                 "decode_steps: version 2, %d blocks of %d threads, %zu bytes of shared memory each, holding the "
+                 "norm weights: %s, the keys and values: %s, the weights of %d of %d core blocks\n",
+                 blocks, kThreads, smem, p.norms_in_smem ? "yes" : "no", p.kv_in_smem ? "yes" : "no",
+                 p.weight_layers, R);
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   launch_in_parts<scalar_t>(p, s, out, k_cache, v_cache, num_steps, [&] {
