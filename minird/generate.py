@@ -463,9 +463,10 @@ def kept_graphs(model, batch, length, config, attention_mask, build):
     one empty KV cache of length positions or more: the ones kept for this shape, or new ones
     (each captured at its first run)."""
     bucket = min(model.config.block_size, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
-    shape = (batch, bucket, config.num_steps, config.draft_steps, config.lookahead_for_draft,
-             attention_mask is not None, config.continuous_compute, config.cache_lookup_strategy, config.init_scale,
-             model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
+    # (the drafting fields only where there are drafts: plain decoding ignores lookahead_for_draft)
+    drafting = (config.draft_steps, config.lookahead_for_draft) if config.draft_steps is not None else None
+    shape = (batch, bucket, config.num_steps, drafting, attention_mask is not None, config.continuous_compute,
+             config.cache_lookup_strategy, config.init_scale, model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
              tuple(p.data_ptr() for p in model.parameters()))  # new weight tensors need a new graph
     kept = GRAPHS.pop(model, None)  # (dropped first when the shape changed: its cache's memory is freed)
     if kept is not None and kept[0] == shape:

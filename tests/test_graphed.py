@@ -72,7 +72,8 @@ def test_random_s0_is_drawn_as_in_the_plain_loop(tiny_config):
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_graph_is_kept_for_the_same_shape(tiny_config, device):
     """A second call of the same shape (batch, r, cache bucket, options) reuses the graph and its
-    cache with another prompt; weights changed in place are seen by the kept graph; another shape
+    cache with another prompt; weights changed in place are seen by the kept graph; an option that
+    plain decoding does not use (lookahead_for_draft without draft_steps) keeps it; another shape
     replaces it (one per model)."""
     tiny_config.init_scale = 0.0
     model = make_model(tiny_config, use_kernels=True).eval().to(device)
@@ -87,6 +88,8 @@ def test_graph_is_kept_for_the_same_shape(tiny_config, device):
             p.mul_(1.5)
     assert torch.equal(generate(model, a, 8, num_steps=3, cuda_graph=True).ids,
                        generate(model, a, 8, num_steps=3, cuda_graph=False).ids)
+    assert GRAPHS[model][1] is kept
+    generate(model, a, 8, num_steps=3, cuda_graph=True, lookahead_for_draft=3)  # no drafts: not part of the shape
     assert GRAPHS[model][1] is kept
     generate(model, a, 8, num_steps=4, cuda_graph=True)
     assert GRAPHS[model][1] is not kept and len([m for m in GRAPHS if m is model]) == 1
