@@ -8,8 +8,10 @@ Checked: the final state and the keys/values written into the cache at pos (rela
 16, 24, 48, 64), R = 1, 4, num_steps = 1, 3, pos = 0, 5, 127, with one buffer per (step, block)
 and with shared ones (compress-sN: N = R, and N = 1); the blocks alone, without the adapter (the
 prelude's and coda's launch); the rest of every cache buffer untouched;
-more steps than one launch takes; the same bits for any grid size, from a CUDA graph replay, and with the
-position read from the device (one captured launch replayed at several positions). Both kernels:
+more steps than one launch takes; the same bits for any grid size, with the GEMV rows copied into
+shared memory (opt-in; where the launcher applies it, read from its MINIRD_DECODE_VERBOSE plan), from
+a CUDA graph replay, and with the position read from the device (one captured launch replayed at
+several positions). Both kernels:
 version 2 (the cooperative grid) and version 4 (one thread block cluster, csrc/cuda/decode_cluster.cu)
 where it applies (h = 256, 1024), chosen with MINIRD_DECODE_VERSION; version 4's bits do not depend
 on the cluster's size or on where it reads the weights from;

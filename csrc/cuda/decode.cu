@@ -58,6 +58,11 @@
 // Weights never change during the kernel, so their loads could be issued before each barrier: an
 // L1 prefetch of each warp's next rows was tried and measured no faster on an H100 (71.0 vs 69.3
 // us/step at h = 256); the 4R norm weights are kept in shared memory instead (when they fit).
+// The GEMV rows can be kept there too, opt-in (MINIRD_DECODE_WEIGHTS_IN_SMEM=n: the first n core
+// blocks', as many as fit; not yet measured, csrc/README.md): a warp's rows are the same in every
+// step, so each warp copies its own once at the start of the launch (WeightSlots) and no phase
+// waits for an L2 load of a weight after its barrier. At h = 256 in bf16 all four core blocks fit.
+// MINIRD_DECODE_VERBOSE=1 prints what the launcher put in shared memory.
 //
 // Numerics: as the other kernels here, fp32 accumulation, and round_to<scalar_t> wherever eager
 // stores a tensor (each GEMV output, q/k after the bias and after each product of the rotation,
