@@ -567,7 +567,7 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
   // block has one SM (more would share its shared memory) and one attention item, and every row is
   // whole 16-byte copies.
   constexpr int kVec = 16 / sizeof(scalar_t);
-  bool aligned = h % kVec == 0 && hs % kVec == 0 && I % kVec == 0 && aligned16(p.e_proj) && aligned16(p.adapter);
+  bool aligned = h % kVec == 0 && hs % kVec == 0 && I % kVec == 0 && aligned16(p.adapter);
   for (int j = 0; j < R; j++) {
     for (int k : {bw::WQKV, bw::ATTN_PROJ, bw::FC, bw::MLP_PROJ}) aligned = aligned && aligned16(p.w[j][k]);
   }
@@ -575,10 +575,11 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
   if (aligned && one_item_per_block && blocks <= resident) {
     const WeightSlots slots(h, I, hs, blocks * kWarps, ceil_div(h, p.attn_chunks), adapter_weight.has_value());
     const int most = std::min(R, env_int("MINIRD_DECODE_WEIGHTS_IN_SMEM", 0));
-    while (p.weight_layers < most &&
-           smem + sizeof(scalar_t) * slots.per_block(p.weight_layers + 1, kWarps) <= budget) {
-      p.weight_layers++;
-    }
+    auto fits = [&](int layers) {
+      const size_t bytes = smem + sizeof(scalar_t) * slots.per_block(layers, kWarps);
+      return bytes <= budget && per_sm(bytes) >= 1;
+    };
+    while (p.weight_layers < most && fits(p.weight_layers + 1)) p.weight_layers++;
     smem += sizeof(scalar_t) * slots.per_block(p.weight_layers, kWarps);
   }
   TORCH_CHECK(per_sm(smem) * resident >= blocks, "decode_steps: ", blocks, " blocks of ", smem,
