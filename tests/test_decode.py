@@ -291,8 +291,8 @@ def test_same_bits_for_any_grid(monkeypatch, dtype, h, n_head, pos):
     and values from (MINIRD_DECODE_KV_IN_SMEM=0: the cache in L2, not the block's staged copy; a grid
     of 1 or 3 blocks, with more attention items than blocks, reads L2 too) and where the GEMVs read
     their rows from (MINIRD_DECODE_WEIGHTS_IN_SMEM=16: every core block's from the warps' copies in
-    shared memory, where they fit; =1: only the first core block's; unset: L2) must not change a bit. Version 2 (the grid) here; version 4 in
-    test_same_bits_for_any_cluster."""
+    shared memory, where they fit; =1: only the first core block's; unset: L2) must not change a
+    bit. Version 2 (the grid) here; version 4 in test_same_bits_for_any_cluster."""
     monkeypatch.setenv("MINIRD_DECODE_VERSION", "2")
     assert_same_bits_under(monkeypatch, Case(h, n_head, 4, 3, pos, dtype, slots=1),
                            [{"MINIRD_DECODE_BLOCKS": "1"}, {"MINIRD_DECODE_BLOCKS": "3"},
