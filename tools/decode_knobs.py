@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from decode_phase_timing import decode_inputs, replay_time_per_step  # noqa: E402  (the same case and timing)
 from minird import bench, ops  # noqa: E402
 from minird.cli import Parser, positive_int  # noqa: E402
 
@@ -48,16 +48,10 @@ def main(argv):
         parser.error(f"unset {', '.join(k for k in KNOBS if k in os.environ)} first: each variant sets its own")
 
     dtype = getattr(torch, args.dtype)
-    model = bench.bench_model(args.h, "cuda", dtype).eval()
-    W, nh, eps = model.adapter.weight, model.core[0].attn.n_head, model.core[0].norm_1.eps
-    _, k_cache, v_cache = bench.decode_cache(model, "cuda")
-    cos, sin = model.rope_cos[bench.CACHE:bench.CACHE + 1], model.rope_sin[bench.CACHE:bench.CACHE + 1]
-    s = torch.randn(1, 1, args.h, device="cuda", dtype=dtype)
-    e_proj = F.linear(torch.randn(1, 1, args.h, device="cuda", dtype=dtype), W[:, args.h:])
-    weights = ops.block_weights(model.core)
+    inputs = decode_inputs(args.h, dtype)
 
     def call():
-        return ops.decode_steps(s, e_proj, W, weights, cos, sin, k_cache, v_cache, bench.CACHE, bench.STEPS, nh, eps)
+        return ops.decode_steps(*inputs)
 
     print(f"decode_steps alone: h={args.h} {args.dtype}, {bench.R} core blocks, {bench.STEPS} steps per call, "
           f"{bench.CACHE} cached tokens; {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -71,7 +65,7 @@ def main(argv):
                 out = call().clone()  # (the one call that may fail: the launcher checks the choice)
                 reference = first_of_version.setdefault(env.get("MINIRD_DECODE_VERSION", "2"), out)
                 same = torch.equal(out, reference)
-                us = bench.median_time(bench.cuda_graph(call), "cuda") * 1e6 / bench.STEPS
+                us = replay_time_per_step(call)
             result = f"{us:.1f}" + ("" if same else " (NOT the bits of its version's first variant)")
         except RuntimeError as exc:
             result = f"n/a: {str(exc).splitlines()[0]}"
