@@ -16,8 +16,10 @@
 //
 // Backward, per row (n = u * r the normalised row, r = rsqrt(mean(u^2) + eps), g the output grad):
 //     grad_weight += g * n          grad_u = r * (g*w - n * mean(g*w * n))
-// and for out_next the same formula first, its grad_u added to grad_out. The sum u = x + y is
-// recomputed rather than saved: one add is cheaper than keeping another (B, T, h) tensor alive.
+// and for out_next the same formula first, its grad_u added to grad_out. grad_weight's sum over
+// rows runs in row order after the rows are done, so its bits do not depend on the thread count.
+// The sum u = x + y is recomputed rather than saved: one add is cheaper than keeping another
+// (B, T, h) tensor alive.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -63,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu(const at::Tensor& x, const c1
     const scalar_t* pwn = weight_next ? weight_next->data_ptr<scalar_t>() : nullptr;
     scalar_t* po = out.data_ptr<scalar_t>();
     scalar_t* pon = weight_next ? out_next.data_ptr<scalar_t>() : nullptr;
-    // grain: enough rows per task that a task is a few microseconds of work
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / h), [&](int64_t begin, int64_t end) {
+    // grain: ~4096 numbers a task, a few microseconds of work (decoding a batch of 64 at h = 256: 4 tasks)
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / h), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; row++) {
         const int64_t o = row * h;
         add_rmsnorm_row<scalar_t, acc_t>(px + o, py ? py + o : nullptr, pw, pwn, po + o, pon ? pon + o : nullptr,
@@ -76,17 +78,18 @@ std::tuple<at::Tensor, at::Tensor> add_rmsnorm_cpu(const at::Tensor& x, const c1
 }
 
 // Backward of one norm on one row: given its input u (already rounded like the forward), the
-// output grad g, weight w, accumulate grad_w and write grad_u (in acc_t, into gu).
+// output grad g, weight w, write this row's terms of grad_w (into gw_terms) and grad_u (in acc_t,
+// into gu).
 template <typename scalar_t, typename acc_t>
-static void rmsnorm_row_backward(const acc_t* u, const acc_t* g, const scalar_t* w, acc_t* gw, acc_t* gu, int64_t h,
-                                 acc_t eps) {
+static void rmsnorm_row_backward(const acc_t* u, const acc_t* g, const scalar_t* w, acc_t* gw_terms, acc_t* gu,
+                                 int64_t h, acc_t eps) {
   acc_t ss = 0;
   for (int64_t i = 0; i < h; i++) ss += u[i] * u[i];
   const acc_t r = acc_t(1) / std::sqrt(ss / h + eps);
   acc_t dot = 0;  // mean(g*w * n) * h
   for (int64_t i = 0; i < h; i++) {
     const acc_t n = u[i] * r;
-    gw[i] += g[i] * round_to<scalar_t>(n);
+    gw_terms[i] = g[i] * round_to<scalar_t>(n);
     dot += g[i] * acc_t(w[i]) * n;
   }
   for (int64_t i = 0; i < h; i++) gu[i] = r * (g[i] * acc_t(w[i]) - u[i] * r * dot / h);
@@ -99,15 +102,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_backward_cpu(
   const char* op = "add_rmsnorm_backward";
   check_add_rmsnorm_backward_args(op, grad_out, grad_next, x, y, weight, weight_next);
   const int64_t h = x.size(-1), rows = x.numel() / h;
-  const int nthreads = at::get_num_threads();
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor gw_out, gwn_out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rmsnorm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    // weight grads: one partial sum per thread (no atomics), reduced at the end
-    at::Tensor gw_part = at::zeros({nthreads, h}, x.options().dtype(acc_dtype));
-    at::Tensor gwn_part = at::zeros({weight_next ? nthreads : 0, h}, x.options().dtype(acc_dtype));
+    // Weight grads: the rows run in parallel and each leaves its terms, one row of a (rows, h)
+    // tensor per weight; then the columns run in parallel, each adding its terms row after row.
+    // So a weight grad is summed in row order whatever the thread count: a training run's bits do
+    // not depend on it (one partial sum per thread, added at the end, would).
+    at::Tensor gw_terms = at::empty({rows, h}, x.options().dtype(acc_dtype));
+    at::Tensor gwn_terms = at::empty({weight_next ? rows : 0, h}, x.options().dtype(acc_dtype));
     const scalar_t* px = x.data_ptr<scalar_t>();
     const scalar_t* py = y ? y->data_ptr<scalar_t>() : nullptr;
     const scalar_t* pw = weight.data_ptr<scalar_t>();
@@ -116,8 +121,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_backward_cpu(
     const scalar_t* pgn = grad_next ? grad_next->data_ptr<scalar_t>() : nullptr;
     scalar_t* pgx = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / h), [&](int64_t begin, int64_t end) {
-      acc_t* gw = gw_part.data_ptr<acc_t>() + at::get_thread_num() * h;
-      acc_t* gwn = pwn ? gwn_part.data_ptr<acc_t>() + at::get_thread_num() * h : nullptr;
       std::vector<acc_t> u(h), a(h), g(h), tmp(h);
       for (int64_t row = begin; row < end; row++) {
         const int64_t o = row * h;
@@ -133,15 +136,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_backward_cpu(
             a[i] = round_to<scalar_t>(round_to<scalar_t>(u[i] * r) * acc_t(pw[i]));  // = out, recomputed
             tmp[i] = acc_t(pgn[o + i]);
           }
-          rmsnorm_row_backward<scalar_t, acc_t>(a.data(), tmp.data(), pwn, gwn, tmp.data(), h, acc_t(eps));
+          rmsnorm_row_backward<scalar_t, acc_t>(a.data(), tmp.data(), pwn, gwn_terms.data_ptr<acc_t>() + o,
+                                                tmp.data(), h, acc_t(eps));
           for (int64_t i = 0; i < h; i++) g[i] += tmp[i];
         }
-        rmsnorm_row_backward<scalar_t, acc_t>(u.data(), g.data(), pw, gw, tmp.data(), h, acc_t(eps));
+        rmsnorm_row_backward<scalar_t, acc_t>(u.data(), g.data(), pw, gw_terms.data_ptr<acc_t>() + o, tmp.data(), h,
+                                              acc_t(eps));
         for (int64_t i = 0; i < h; i++) pgx[o + i] = static_cast<scalar_t>(tmp[i]);
       }
     });
-    gw_out = gw_part.sum(0).to(x.scalar_type());
-    gwn_out = weight_next ? gwn_part.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+    auto sum_rows = [&](const at::Tensor& terms) {
+      at::Tensor total = at::zeros({h}, terms.options());
+      const acc_t* pt = terms.data_ptr<acc_t>();
+      acc_t* sum = total.data_ptr<acc_t>();
+      at::parallel_for(0, h, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t row = 0; row < rows; row++) {
+          for (int64_t i = begin; i < end; i++) sum[i] += pt[row * h + i];
+        }
+      });
+      return total.to(x.scalar_type());
+    };
+    gw_out = sum_rows(gw_terms);
+    gwn_out = weight_next ? sum_rows(gwn_terms) : at::empty({0}, x.options());
   });
   return {grad_x, gw_out, gwn_out};
 }
