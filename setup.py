@@ -12,6 +12,7 @@ prints a one-line warning. --no-build-isolation lets the build see the installed
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -28,6 +29,12 @@ def extension_and_cmdclass():
     use_cuda = (torch.version.cuda is not None or os.getenv("FORCE_CUDA", "0") == "1") and CUDA_HOME is not None
     sources = sorted(glob.glob("csrc/*.cpp"))
     extra = {"cxx": ["-O0", "-g"] if debug else ["-O3"]}
+    # at::parallel_for is a header template: compiled without OpenMP it runs every CPU kernel on one
+    # thread, whatever torch.set_num_threads says. Only the compile gets -fopenmp; the GOMP symbols
+    # then bind at load time to the OpenMP runtime torch itself loaded, so that the two share one
+    # thread pool and one thread count (linking a second libgomp would give the kernels their own).
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        extra["cxx"].append("-fopenmp")
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = ["-O0", "-g", "-G"] if debug else ["-O3"]

@@ -136,6 +136,45 @@ def test_add_rmsnorm_wide_rows(device, dtype, h, rows):
         assert_close(ops.add_rmsnorm(x, None, w, None, 1e-6)[:1], (rmsnorm_ref(x, w),), dtype, "plain norm")
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="the extension is built with OpenMP on Linux where torch has it (setup.py)")
+def test_cpu_kernels_run_on_torchs_threads():
+    """Built without -fopenmp, at::parallel_for runs every CPU kernel on one thread. With it, the
+    kernels must share torch's OpenMP runtime (one libgomp in the process, so torch.set_num_threads
+    governs them too), and split the work among threads without changing a bit: the weight grads,
+    summed over rows, included (csrc/rmsnorm.cpp), so that a training run does not depend on it."""
+    from minird import _C
+
+    with open(_C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read(), "minird._C was compiled without OpenMP"
+    torch.manual_seed(0)
+    rows, h, n_head = 300, 64, 4
+    x, y = torch.randn(rows, h), torch.randn(rows, h)
+    w, wn = torch.rand(h) + 0.5, torch.rand(h) + 0.5
+    qkv, bias = torch.randn(rows, 1, 3 * h), torch.randn(2, 1, n_head, 1, h // n_head)
+    cos, sin = torch.rand(1, h // n_head // 2), torch.rand(1, h // n_head // 2)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        caches = [torch.zeros(rows, n_head, 4, h // n_head) for _ in range(2)]
+        q = ops.qk_bias_rope_cache(qkv, bias, cos, sin, n_head, *caches, 2)
+        xg, wg, wng = (t.clone().requires_grad_() for t in (x, w, wn))
+        out, out_next = ops.add_rmsnorm(xg, y, wg, wng)
+        (out.square().sum() + out_next.sum()).backward()
+        return (out, out_next, q, *caches), (xg.grad, wg.grad, wng.grad)
+
+    threads = torch.get_num_threads()
+    try:
+        one, one_grads = run(1)
+        two, two_grads = run(2)
+    finally:
+        torch.set_num_threads(threads)
+    libgomp = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(libgomp) == 1, f"two OpenMP runtimes loaded: {sorted(libgomp)}"
+    assert all(torch.equal(a, b) for a, b in zip(one, two)), "the forward's bits depend on the thread count"
+    assert all(torch.equal(a, b) for a, b in zip(one_grads, two_grads)), "the grads' bits depend on the thread count"
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_swiglu(device, dtype, shape):
