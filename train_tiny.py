@@ -2,7 +2,7 @@
 Train a tiny recurrent-depth model on the variable-binding corpus, then show depth scaling:
 held-out accuracy by difficulty (hops) for r = 1 ... 64 test-time steps.
 
-    python train_tiny.py                        # CPU, about a minute and a half
+    python train_tiny.py                        # CPU, about a minute
     python train_tiny.py --max_iters=500 --out_dir=out-quick
     python train_tiny.py --resume=True          # go on from out-tiny/ckpt.pt (Ctrl-C saves one)
     python train_tiny.py --preset=huginn        # Huginn's three parts: prelude, a looped core of 2, coda
