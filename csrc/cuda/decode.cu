@@ -500,16 +500,15 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
                          at::TensorList k_cache, at::TensorList v_cache, int64_t pos, int64_t num_steps,
                          int64_t n_head, double eps, const std::optional<at::Tensor>& pos_on_device,
                          at::Tensor& out) {
-  const int h = (int)s.size(2), nh = (int)n_head, hs = h / nh, R = (int)(block_weights.size() / bw::COUNT);
-  const int I = (int)block_weights[bw::FC].size(0) / 2;
+  DecodeParams<scalar_t> p{};
+  fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
+                           pos_on_device);
+  const int h = p.h, nh = p.n_head, hs = p.hs, R = p.R, I = p.I;
   const int device = s.get_device();
 
   // scratch: s_adapted (h, with an adapter), q (h), y_heads (nh * h), u (I), y_mlp (h)
   const int adapted = adapter_weight ? h : 0;
   at::Tensor scratch = at::empty({adapted + 2 * h + nh * h + I}, s.options().dtype(at::kFloat));
-  DecodeParams<scalar_t> p{};
-  fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
-                           pos_on_device);
   p.s_adapted = scratch.data_ptr<float>();
   p.q = p.s_adapted + adapted;
   p.y_heads = p.q + h;

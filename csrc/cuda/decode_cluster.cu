@@ -538,8 +538,10 @@ void launch_decode_cluster(const at::Tensor& s, const std::optional<at::Tensor>&
                            const std::optional<at::Tensor>& pos_on_device, at::Tensor& out) {
   const int asked = env_int("MINIRD_DECODE_CLUSTER", 16);
   TORCH_CHECK(asked == 8 || asked == 16, "decode_steps: MINIRD_DECODE_CLUSTER must be 8 or 16, got ", asked);
-  const int h = (int)s.size(2), nh = (int)n_head, hs = h / nh, R = (int)(block_weights.size() / bw::COUNT);
-  const int I = (int)block_weights[bw::FC].size(0) / 2;
+  ClusterParams<scalar_t> p{};
+  fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
+                           pos_on_device);
+  const int h = p.h, nh = p.n_head, hs = p.hs, R = p.R, I = p.I;
   const int device = s.get_device();
   const char* why = cluster_refusal<scalar_t>(device, h, I, hs);
   TORCH_CHECK(why == nullptr, "decode_steps: MINIRD_DECODE_VERSION=4 does not apply: ", why);
@@ -592,9 +594,6 @@ void launch_decode_cluster(const at::Tensor& s, const std::optional<at::Tensor>&
   }
   TORCH_CHECK(cl > 0, "decode_steps: MINIRD_DECODE_VERSION=4 does not apply at pos=", pos, ": ", why);
 
-  ClusterParams<scalar_t> p{};
-  fill_step_args<scalar_t>(p, s, e_proj, adapter_weight, block_weights, cos, sin, k_cache[0], pos, n_head, eps,
-                           pos_on_device);
   p.chunks = chunks;
   p.weights_in_smem = weights, p.kv_in_smem = kv, p.norms_in_smem = norms;
   launch_in_parts<scalar_t>(p, s, out, k_cache, v_cache, num_steps,
