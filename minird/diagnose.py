@@ -4,7 +4,10 @@ section 17): the attention of the first core block at step 1 from the positions 
 lookup (0-hop queries, depth-1 statements) to the slot that holds their answer, and the gradient
 norms of the weights that make the lookup. A healthy run first spreads its attention over the
 line's root digits (p_right ~0.3: the guess), then the name match takes over (p_right -> 1); a
-run in the plateau's trap puts it on the ';' after each digit (p_right ~0).
+run in the plateau's trap puts it on the ';' after each digit (p_right ~0, on_separator ~1).
+A model with a prelude (--preset=huginn) can make its first lookup there, before the loop: the
+same numbers for prelude block 0 (prelude_p_right, ...), where healthy runs put the lookup and
+stuck ones sat in that trap (section 23).
 """
 
 import math
@@ -47,7 +50,8 @@ class LookupProbe:
         self.one_lookup += torch.tensor([(logits.argmax(-1)[one] == y[one]).sum().item(), one.sum().item()])
 
     def measure(self, model, iteration):
-        """{iter, acc_1_lookup, p_right, entropy, entropy_uniform, g_q, g_k, g_v, g_shift, g_total}."""
+        """{iter, acc_1_lookup, p_right, on_separator, entropy, entropy_uniform, (with a prelude:
+        prelude_p_right, prelude_on_separator, prelude_entropy,) g_q, g_k, g_v, g_shift, g_total}."""
         correct, total = self.one_lookup.tolist()
         self.one_lookup.zero_()
         return {"iter": iteration, "acc_1_lookup": round(correct / max(total, 1), 4),
@@ -55,15 +59,24 @@ class LookupProbe:
 
     @torch.no_grad()
     def attention(self, model):
-        """Step 1 from s0 = 0 (as trained): core block 0's attention, averaged over heads, at the
-        one-lookup positions: mean probability on the right key, mean entropy (nats) and the
+        """Core block 0's attention at step 1 from s0 = 0 (as trained) and, with a prelude, prelude
+        block 0's on the token embeddings: averaged over heads at the one-lookup positions, the
+        mean probability on the right key, on the ';' separators, the mean entropy (nats) and the
         entropy of a uniform attention over the visible keys."""
         x = self.x.to(model.wte.weight.device)
         cos, sin, _ = model.positions(x)
         e = model.embed(x, cos, sin)
         s = model.adapter(torch.cat([torch.zeros_like(e), e], dim=-1))
-        block = model.core[0]
-        attn, xn = block.attn, block.norm_1(s)
+        stats = self.lookup_attention(model.core[0], s, cos, sin)
+        if len(model.prelude):
+            embedded = model.embed_tokens(x)
+            prelude = self.lookup_attention(model.prelude[0], embedded, cos, sin)
+            stats.update({f"prelude_{k}": v for k, v in prelude.items() if k != "entropy_uniform"})
+        return stats
+
+    def lookup_attention(self, block, x, cos, sin):
+        """The statistics of attention() for one block whose input is x (B, T, h)."""
+        attn, xn = block.attn, block.norm_1(x)
         B, T, C = xn.shape
         q, k, _ = attn.Wqkv(xn).split(C, dim=2)
         q = apply_rope(q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2) + attn.qk_bias[0], cos, sin)
@@ -71,15 +84,18 @@ class LookupProbe:
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         p = F.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).mean(1)  # (B, T, T)
-        right, entropy, uniform = [], [], []
+        right, separator, entropy, uniform = [], [], [], []
         for b, line in enumerate(self.lines):
+            is_separator = torch.tensor([c == ";" for c in line.text], device=p.device)
             for query, key in lookup_pairs(line):
                 row = p[b, query, :query + 1]
                 right.append(row[key].item())
+                separator.append(row[is_separator[:query + 1]].sum().item())
                 entropy.append(-(row * row.clamp_min(1e-12).log()).sum().item())
                 uniform.append(math.log(query + 1))
         n = max(len(right), 1)
-        return {"p_right": sum(right) / n, "entropy": sum(entropy) / n, "entropy_uniform": sum(uniform) / n}
+        return {"p_right": sum(right) / n, "on_separator": sum(separator) / n, "entropy": sum(entropy) / n,
+                "entropy_uniform": sum(uniform) / n}
 
 
 def gradient_norms(model):

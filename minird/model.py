@@ -297,6 +297,11 @@ class RecurrentDepthLM(nn.Module):
     def embed(self, idx, cos, sin, kv_cache=None, mask=None, attention_mask=None):
         """Token ids (B, T) -> e (B, T, h): embedding (+ token shift), then the prelude.
         attention_mask (B, T): 0 at left padding, whose embedding is zeros."""
+        x = self.embed_tokens(idx, kv_cache, attention_mask)
+        return self.outer_blocks(self.prelude, "prelude", x, cos, sin, kv_cache, mask)
+
+    def embed_tokens(self, idx, kv_cache=None, attention_mask=None):
+        """Token ids (B, T) -> the prelude's input (B, T, h): wte * sqrt(h), + the token shift."""
         x = self.wte(idx)  # (B, T, h)
         if self.config.scale_embedding:
             x = x * math.sqrt(self.config.n_embd)
@@ -306,7 +311,7 @@ class RecurrentDepthLM(nn.Module):
             # the token before the first one is the last cached token, or nothing (zeros)
             first = kv_cache.shift_in(x) if kv_cache is not None else torch.zeros_like(x[:, :1])
             x = x + self.token_shift(torch.cat([first, x[:, :-1]], dim=1))  # (B, T, h)
-        return self.outer_blocks(self.prelude, "prelude", x, cos, sin, kv_cache, mask)
+        return x
 
     def readout(self, s, cos, sin, kv_cache=None, mask=None):
         """Final state s (B, T, h) -> logits (B, T, vocab), fp32: ln_f, coda, ln_f, tied head."""
