@@ -6,8 +6,8 @@ norms of the weights that make the lookup. A healthy run first spreads its atten
 line's root digits (p_right ~0.3: the guess), then the name match takes over (p_right -> 1); a
 run in the plateau's trap puts it on the ';' after each digit (p_right ~0, on_separator ~1).
 A model with a prelude (--preset=huginn) can make its first lookup there, before the loop: the
-same numbers for prelude block 0 (prelude_p_right, ...), where healthy runs put the lookup and
-stuck ones sat in that trap (section 23).
+same numbers for prelude block 0 (prelude_p_right, ...): healthy runs make the lookup there, and
+stuck ones park that attention on the separators (training log, section 23).
 """
 
 import math

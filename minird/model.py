@@ -301,7 +301,7 @@ class RecurrentDepthLM(nn.Module):
         return self.outer_blocks(self.prelude, "prelude", x, cos, sin, kv_cache, mask)
 
     def embed_tokens(self, idx, kv_cache=None, attention_mask=None):
-        """Token ids (B, T) -> the prelude's input (B, T, h): wte * sqrt(h), + the token shift."""
+        """Token ids (B, T) -> the prelude's input (B, T, h): wte (times sqrt(h)), plus the token shift."""
         x = self.wte(idx)  # (B, T, h)
         if self.config.scale_embedding:
             x = x * math.sqrt(self.config.n_embd)
