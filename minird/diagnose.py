@@ -65,12 +65,12 @@ class LookupProbe:
         entropy of a uniform attention over the visible keys."""
         x = self.x.to(model.wte.weight.device)
         cos, sin, _ = model.positions(x)
-        e = model.embed(x, cos, sin)
+        tokens = model.embed_tokens(x)  # the prelude's input; model.embed is this, then the prelude
+        e = model.outer_blocks(model.prelude, "prelude", tokens, cos, sin)
         s = model.adapter(torch.cat([torch.zeros_like(e), e], dim=-1))
         stats = self.lookup_attention(model.core[0], s, cos, sin)
         if len(model.prelude):
-            embedded = model.embed_tokens(x)
-            prelude = self.lookup_attention(model.prelude[0], embedded, cos, sin)
+            prelude = self.lookup_attention(model.prelude[0], tokens, cos, sin)
             stats.update({f"prelude_{k}": v for k, v in prelude.items() if k != "entropy_uniform"})
         return stats
 

@@ -22,9 +22,9 @@ def test_uniform_attention_gives_the_counted_statistics():
     """With q = k = 0 every visible key gets 1 / (query + 1): p_right, the mass on ';' and the entropy
     follow from the lines' text alone, for the core block at step 1 and for the prelude block."""
     model = preset_shaped_model()
+    C = model.config.n_embd
     with torch.no_grad():
         for block in (model.core[0], model.prelude[0]):
-            C = model.config.n_embd
             block.attn.Wqkv.weight[:2 * C].zero_()
             block.attn.qk_bias.zero_()
     probe = LookupProbe(CorpusConfig(), seed=7, block_size=model.config.block_size, n_lines=8)
