@@ -619,13 +619,10 @@ at::Tensor decode_steps_cuda(const at::Tensor& s, const std::optional<at::Tensor
                             n_head, eps, pos_on_device, out);
     return out;
   }
-  if (s.scalar_type() == at::kFloat) {
-    launch_decode_steps<float>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
-                               n_head, eps, pos_on_device, out);
-  } else {
-    launch_decode_steps<at::BFloat16>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos,
-                                      num_steps, n_head, eps, pos_on_device, out);
-  }
+  dispatch_float_or_bf16(s, [&](auto type) {
+    launch_decode_steps<decltype(type)>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos,
+                                        num_steps, n_head, eps, pos_on_device, out);
+  });
   return out;
 }
 

@@ -607,13 +607,10 @@ void decode_steps_on_cluster(const at::Tensor& s, const std::optional<at::Tensor
                              const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_cache,
                              at::TensorList v_cache, int64_t pos, int64_t num_steps, int64_t n_head, double eps,
                              const std::optional<at::Tensor>& pos_on_device, at::Tensor& out) {
-  if (s.scalar_type() == at::kFloat) {
-    launch_decode_cluster<float>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos, num_steps,
-                                 n_head, eps, pos_on_device, out);
-  } else {
-    launch_decode_cluster<at::BFloat16>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos,
-                                        num_steps, n_head, eps, pos_on_device, out);
-  }
+  dispatch_float_or_bf16(s, [&](auto type) {
+    launch_decode_cluster<decltype(type)>(s, e_proj, adapter_weight, block_weights, cos, sin, k_cache, v_cache, pos,
+                                          num_steps, n_head, eps, pos_on_device, out);
+  });
 }
 
 }  // namespace minird

@@ -335,6 +335,17 @@ void fill_step_args(StepArgs<scalar_t>& p, const at::Tensor& s, const std::optio
   p.attn_scale = 1.f / std::sqrt((float)p.hs);
 }
 
+// decode_steps runs in fp32 or bf16 (its arguments are checked): calls f with a value of s's type,
+// from which the caller takes its kernel's scalar_t (decltype), so the long argument list is written once.
+template <typename F>
+void dispatch_float_or_bf16(const at::Tensor& s, F&& f) {
+  if (s.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    f(at::BFloat16{});
+  }
+}
+
 // All steps in one launch, unless there are more (step, block) cache entries than the kernel's
 // arguments hold: then a launch per kMaxEntries / R steps, each starting from the last one's state.
 // launch() starts the kernel on p as it is filled for that launch.
