@@ -343,13 +343,17 @@ class RecurrentDepthLM(nn.Module):
             x = block(x, cos, sin, kv_cache, (stage, j), mask)
         return x
 
-    def forward(self, idx, targets=None, num_steps=None, init_scale=None, target_lookups=None, attention_mask=None):
+    def forward(self, idx, targets=None, num_steps=None, init_scale=None, target_lookups=None, attention_mask=None,
+                prelude_hidden=None):
         """idx (B, T) -> (logits (B, T, vocab), loss or None). targets (B, T) with -1 = ignored.
         target_lookups (B, T): how many lookups each target needs; given with targets, the loss is
         the per-step loss below. attention_mask (B, T): 1 = token, 0 = left padding, which no token
-        attends to. (Tokens after a KV cache: minird.generate.feed.)"""
+        attends to. prelude_hidden (B, T): True = a token that the prelude's attention skips (each
+        token still sees itself); not in Huginn: a training curriculum (minird/train.py's
+        separator_mask_iters). (Tokens after a KV cache: minird.generate.feed.)"""
         cos, sin, mask = self.positions(idx, attention_mask=attention_mask)
-        e = self.embed(idx, cos, sin, mask=mask, attention_mask=attention_mask)
+        prelude_mask = mask if prelude_hidden is None else self.hide_keys(mask, prelude_hidden)
+        e = self.embed(idx, cos, sin, mask=prelude_mask, attention_mask=attention_mask)
         n, k = self.resolve_num_steps(num_steps)
         if targets is not None and target_lookups is not None and k > 0:
             return self.per_step_loss(e, (n, k), cos, sin, targets, target_lookups, init_scale, mask)
@@ -387,6 +391,16 @@ class RecurrentDepthLM(nn.Module):
             itself = pos[start:, None] == pos  # (T, start + T)
             mask = mask & (keys.bool()[:, None, None, :] | itself)  # (B, 1, T, start + T)
         return cos, sin, mask
+
+    @staticmethod
+    def hide_keys(mask, hidden):
+        """positions()'s mask for a whole sequence (None: causal) with the keys where hidden (B, T)
+        is True taken out, except from their own row: (B, 1, T, T)."""
+        T = hidden.size(1)
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()
+        itself = torch.eye(T, dtype=torch.bool, device=hidden.device)
+        return mask & (~hidden[:, None, None, :] | itself)
 
     def per_step_loss(self, e, num_steps, cos, sin, targets, target_lookups, init_scale, mask=None):
         """Not in Huginn, which supervises only the last step. Decode the state after every step

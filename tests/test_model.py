@@ -1,5 +1,7 @@
 """The model: shapes, determinism, the step schedule, truncated backprop, the sampler, the
-per-step loss, trace and padding (generation: test_generate.py)."""
+per-step loss, trace, padding and the prelude's hidden keys (generation: test_generate.py)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -190,3 +192,22 @@ def test_forward_with_attention_mask(tiny_config):
         for b, prompt in enumerate(prompts):
             alone, _ = model(torch.tensor([prompt]), num_steps=3, init_scale=0)
             torch.testing.assert_close(logits[b, 6 - len(prompt):], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_prelude_hidden_tokens_reach_only_their_own_position_through_the_prelude(tiny_config):
+    """hide_keys, the mask of train.py's separator_mask_iters: with it, what the hidden tokens are
+    changes the prelude's output only at their own positions (every other token's attention skips
+    them); without it, at every later position too."""
+    config = dataclasses.replace(tiny_config, token_shift=False)  # (the shift would carry a token to the next)
+    model = make_model(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    hidden = torch.zeros_like(idx, dtype=torch.bool)
+    hidden[:, [3, 7]] = True
+    changed = torch.where(hidden, (idx + 1) % config.vocab_size, idx)
+    with torch.no_grad():
+        cos, sin, _ = model.positions(idx)
+        masked = model.hide_keys(None, hidden)  # (B, 1, T, T)
+        moved = (model.embed(idx, cos, sin, mask=masked) - model.embed(changed, cos, sin, mask=masked)).abs().amax(-1)
+        moved_plain = (model.embed(idx, cos, sin) - model.embed(changed, cos, sin)).abs().amax(-1)  # (B, T)
+    assert (moved[~hidden] == 0).all() and (moved[hidden] > 0).all()
+    assert (moved_plain[:, 3:] > 0).all() and (moved_plain[:, :3] == 0).all()
