@@ -173,6 +173,7 @@ def test_no_run_replaces_a_checkpoint_it_was_not_asked_to(trained_run, tmp_path)
     ("--curriculum_threshold=1.5", "--curriculum_threshold must be in (0, 1]"),
     ("--preset=giant", "--preset must be one of tiny, huginn"),
     ("--plateau_check=-5", "--plateau_check must be >= 0"),
+    ("--separator_mask_iters=-1", "--separator_mask_iters must be >= 0"),
 ])
 def test_every_bad_setting_is_a_one_line_error_before_any_work(tmp_path, setting, fragment):
     result = run_script("train_tiny.py", *tiny_args(tmp_path / "out", 10), setting)
@@ -229,6 +230,20 @@ def test_plateau_detector_leaves_a_run_that_left_the_first_level_alone(tmp_path)
     assert "plateau:" not in result.stdout
     report = json.loads((tmp_path / "out" / "depth_scaling.json").read_text())
     assert report["restarts"] == [] and report["log"][-1]["max_hops"] > 1
+
+
+def test_huginn_preset_leaves_the_first_level_on_a_seed_that_was_stuck_there(tmp_path):
+    """Seed 3 of --preset=huginn stayed at the guess to iteration 2,000 under every setting of
+    training log section 23; with the separators hidden from the prelude for its first 300
+    iterations (the preset's separator_mask_iters) it opened curriculum level 2 at ~500 here
+    (section 24). 700 iterations (~65 s on 2 cores) leave room for another machine's rounding."""
+    result = run_script("train_tiny.py", "--preset=huginn", "--seed=3", "--max_iters=700", "--plateau_restarts=0",
+                        "--eval_interval=100", "--depth_steps=4", "--eval_problems=32", "--progress=False",
+                        f"--out_dir={tmp_path}", timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "depth_scaling.json").read_text())
+    assert report["settings"]["separator_mask_iters"] == 300 and report["restarts"] == []
+    assert report["log"][-1]["max_hops"] >= 2, [e["max_hops"] for e in report["log"]]
 
 
 def test_preset_replaces_defaults_but_not_what_is_given():
