@@ -229,7 +229,8 @@ def test_pretrained_text_is_generate_with_the_checkpoints_stop_tokens():
     from minird.tokenizer import HuginnTokenizer
 
     result = run_script("sample.py", "--init_from", HUGINN_FIXTURE, "--prompt", "Hello there", "--steps", "1,4",
-                        "--new_tokens", "6", "--seed", "3")
+                        "--new_tokens", "6", "--seed", "3",
+                        "--device", "cpu")  # the CPU model below: the same random stream
     assert result.returncode == 0, result.stderr
     model = from_pretrained(HUGINN_FIXTURE).eval()
     tokenizer = HuginnTokenizer.from_pretrained(HUGINN_FIXTURE)
@@ -246,7 +247,8 @@ def test_pretrained_diffusion_forcing_is_generate_with_it():
     from minird.tokenizer import HuginnTokenizer
 
     result = run_script("sample.py", "--init_from", HUGINN_FIXTURE, "--prompt", "Hello there", "--steps", "4",
-                        "--new_tokens", "6", "--seed", "3", "--diffusion_forcing", "--inner_recurrence", "2")
+                        "--new_tokens", "6", "--seed", "3", "--diffusion_forcing", "--inner_recurrence", "2",
+                        "--device", "cpu")  # the CPU model below: the same random stream
     assert result.returncode == 0, result.stderr
     model = from_pretrained(HUGINN_FIXTURE).eval()
     tokenizer = HuginnTokenizer.from_pretrained(HUGINN_FIXTURE)
