@@ -563,9 +563,9 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
   if (p.kv_in_smem) smem += kv_smem;
 
   // The weights' rows, opt-in (MINIRD_DECODE_WEIGHTS_IN_SMEM=n: at most n core blocks; 0, the
-  // default: none, until it has been measured on a GPU), as many core blocks as fit, where each
-  // block has one SM (more would share its shared memory) and one attention item, and every row is
-  // whole 16-byte copies.
+  // default: none, as it saved only 1-2% on an H100, csrc/README), as many core blocks as fit,
+  // where each block has one SM (more would share its shared memory) and one attention item, and
+  // every row is whole 16-byte copies.
   constexpr int kVec = 16 / sizeof(scalar_t);
   bool aligned = h % kVec == 0 && hs % kVec == 0 && I % kVec == 0 && aligned16(p.adapter);
   for (int j = 0; j < R; j++) {
