@@ -352,7 +352,10 @@ class RecurrentDepthLM(nn.Module):
         token still sees itself); not in Huginn: a training curriculum (minird/train.py's
         separator_mask_iters). (Tokens after a KV cache: minird.generate.feed.)"""
         cos, sin, mask = self.positions(idx, attention_mask=attention_mask)
-        prelude_mask = mask if prelude_hidden is None else self.hide_keys(mask, prelude_hidden)
+        prelude_mask = mask
+        if prelude_hidden is not None:  # to the prelude's attention a hidden token is as padding is
+            kept = ~prelude_hidden if attention_mask is None else attention_mask.bool() & ~prelude_hidden
+            prelude_mask = self.positions(idx, attention_mask=kept)[2]  # (B, 1, T, T)
         e = self.embed(idx, cos, sin, mask=prelude_mask, attention_mask=attention_mask)
         n, k = self.resolve_num_steps(num_steps)
         if targets is not None and target_lookups is not None and k > 0:
@@ -391,16 +394,6 @@ class RecurrentDepthLM(nn.Module):
             itself = pos[start:, None] == pos  # (T, start + T)
             mask = mask & (keys.bool()[:, None, None, :] | itself)  # (B, 1, T, start + T)
         return cos, sin, mask
-
-    @staticmethod
-    def hide_keys(mask, hidden):
-        """positions()'s mask for a whole sequence (None: causal) with the keys where hidden (B, T)
-        is True taken out, except from their own row: (B, 1, T, T)."""
-        T = hidden.size(1)
-        if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()
-        itself = torch.eye(T, dtype=torch.bool, device=hidden.device)
-        return mask & (~hidden[:, None, None, :] | itself)
 
     def per_step_loss(self, e, num_steps, cos, sin, targets, target_lookups, init_scale, mask=None):
         """Not in Huginn, which supervises only the last step. Decode the state after every step

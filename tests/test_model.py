@@ -195,9 +195,10 @@ def test_forward_with_attention_mask(tiny_config):
 
 
 def test_prelude_hidden_tokens_reach_only_their_own_position_through_the_prelude(tiny_config):
-    """hide_keys, the mask of train.py's separator_mask_iters: with it, what the hidden tokens are
-    changes the prelude's output only at their own positions (every other token's attention skips
-    them); without it, at every later position too."""
+    """The prelude's mask of forward(prelude_hidden=...) (train.py's separator_mask_iters), which is
+    positions()'s padding mask with the hidden tokens as padding: with it, what the hidden tokens
+    are changes the prelude's output only at their own positions (every other token's attention
+    skips them); without it, at every later position too."""
     config = dataclasses.replace(tiny_config, token_shift=False)  # (the shift would carry a token to the next)
     model = make_model(config).eval()
     idx = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -205,8 +206,7 @@ def test_prelude_hidden_tokens_reach_only_their_own_position_through_the_prelude
     hidden[:, [3, 7]] = True
     changed = torch.where(hidden, (idx + 1) % config.vocab_size, idx)
     with torch.no_grad():
-        cos, sin, _ = model.positions(idx)
-        masked = model.hide_keys(None, hidden)  # (B, 1, T, T)
+        cos, sin, masked = model.positions(idx, attention_mask=~hidden)  # masked: (B, 1, T, T)
         moved = (model.embed(idx, cos, sin, mask=masked) - model.embed(changed, cos, sin, mask=masked)).abs().amax(-1)
         moved_plain = (model.embed(idx, cos, sin) - model.embed(changed, cos, sin)).abs().amax(-1)  # (B, T)
     assert (moved[~hidden] == 0).all() and (moved[hidden] > 0).all()
