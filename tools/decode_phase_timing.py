@@ -140,7 +140,9 @@ def main():
 
     build = Path(tempfile.mkdtemp(prefix="decode_phase_timing_"))
     (build / "decode_timed.cu").write_text(instrument(args.source.read_text(), args.version))
-    timed = load("decode_timed", [str(build / "decode_timed.cu")], build_directory=str(build),
+    # version 2's launcher hands MINIRD_DECODE_VERSION=4 to the cluster kernel: link it, uninstrumented
+    sources = [build / "decode_timed.cu"] + ([ROOT / "csrc/cuda/decode_cluster.cu"] if args.version == 2 else [])
+    timed = load("decode_timed", [str(path) for path in sources], build_directory=str(build),
                  extra_include_paths=[str(ROOT / "csrc/cuda")], extra_cuda_cflags=["-O3", "-std=c++17"])
 
     call = decode_inputs(args.h, torch.bfloat16)

@@ -94,6 +94,9 @@
 // 8.5 MB from L2 in 4.6 us, the same tool) overlapped with the hand-overs.
 // Version 4 (decode_cluster.cu) is that design, built: right, and slower so far; decode_steps runs
 // it only when MINIRD_DECODE_VERSION=4 asks (=2, the default: this kernel). Its header says why.
+// Phases D and E merged (split-K over slices of I, 13 barriers a step; branch decode-merged-mlp,
+// 2026-12-07): right, and not faster (64.1 against 63.6 us/step on an H100): the barrier saved came
+// back as the merged phase's longer chain on fewer SMs (csrc/README.md).
 //
 // Limits: float32 and bfloat16; B = T = 1; R <= 16 core blocks; one launch takes at most 96
 // (step, block) cache entries, so more steps run as several launches (24 steps each at R = 4).
@@ -466,10 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_steps_kernel(const __grid_
         }
         float dot[2];
         dot_rows<scalar_t, 2>(shared, rows, x, h, dot);
-        if (lane == 0) {
-          const float gate = round_to<scalar_t>(dot[0]), up = round_to<scalar_t>(dot[1]);
-          p.u[i] = round_to<scalar_t>(round_to<scalar_t>(gate / (1.f + expf(-gate))) * up);  // as swiglu.cu
-        }
+        if (lane == 0) p.u[i] = swiglu_of_sums<scalar_t>(dot[0], dot[1]);
       }
       grid.sync();
 
@@ -519,11 +519,10 @@ void launch_decode_steps(const at::Tensor& s, const std::optional<at::Tensor>& e
   p.y_mlp = p.u + I;
 
   auto kernel = decode_steps_kernel<scalar_t>;
-  int coop = 0, smem_optin = 0;
+  int coop = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   TORCH_CHECK(coop, "decode_steps: this GPU does not support cooperative launches");
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t budget = (size_t)smem_optin - 32 * sizeof(float);  // (less the static reduction scratch)
+  const size_t budget = dynamic_smem_budget(kernel, device);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)budget));
   // blocks of `smem_bytes` that fit on one SM at once
   auto per_sm = [&](size_t smem_bytes) {

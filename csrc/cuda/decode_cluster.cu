@@ -466,8 +466,7 @@ __global__ void __launch_bounds__(kThreads) decode_cluster_kernel(const __grid_c
         for (int m = 0; m < kPairsD; m++) {
           const int i = base + m * kWarps;
           if (i >= d1) break;
-          const float gate = round_to<scalar_t>(dot[2 * m]), up = round_to<scalar_t>(dot[2 * m + 1]);
-          push_to_all(cluster, ubuf, i, round_to<scalar_t>(round_to<scalar_t>(gate / (1.f + expf(-gate))) * up), cl);
+          push_to_all(cluster, ubuf, i, swiglu_of_sums<scalar_t>(dot[2 * m], dot[2 * m + 1]), cl);
         }
       }
       end_phase(k++);
@@ -546,9 +545,7 @@ void launch_decode_cluster(const at::Tensor& s, const std::optional<at::Tensor>&
   const char* why = cluster_refusal<scalar_t>(device, h, I, hs);
   TORCH_CHECK(why == nullptr, "decode_steps: MINIRD_DECODE_VERSION=4 does not apply: ", why);
   const ClusterKernel<scalar_t> kernel = cluster_kernel_for<scalar_t>(h / (32 * (16 / (int)sizeof(scalar_t))));
-  int smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t budget = (size_t)smem_optin - 32 * sizeof(float);  // (the static reduction scratch)
+  const size_t budget = dynamic_smem_budget(kernel, device);
   const bool want_weights = env_int("MINIRD_DECODE_WEIGHTS_IN_SMEM", 1) != 0;
 
   cudaLaunchAttribute attr[1];

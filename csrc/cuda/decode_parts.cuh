@@ -228,6 +228,14 @@ __device__ inline float thread_dot(const scalar_t* row, const float* x, int n) {
   return acc;
 }
 
+// silu(gate) * up from the two GEMV sums, rounded where eager stores a tensor (as swiglu.cu): the
+// fc output, silu's output, the product.
+template <typename scalar_t>
+__device__ inline float swiglu_of_sums(float gate_sum, float up_sum) {
+  const float gate = round_to<scalar_t>(gate_sum), up = round_to<scalar_t>(up_sum);
+  return round_to<scalar_t>(round_to<scalar_t>(gate / (1.f + expf(-gate))) * up);
+}
+
 // out = rmsnorm(in) * w over the whole block, as RMSNorm.forward / add_rmsnorm_kernel: the sum of
 // squares in fp32, the normalised value rounded to the dtype, then times the weight and rounded.
 // out may be in: each thread reads and writes only its own elements i = tid, tid + blockDim, ...
@@ -333,6 +341,17 @@ void fill_step_args(StepArgs<scalar_t>& p, const at::Tensor& s, const std::optio
   p.pos_on_device = pos_on_device ? pos_on_device->data_ptr<int64_t>() : nullptr;
   p.eps = (float)eps;
   p.attn_scale = 1.f / std::sqrt((float)p.hs);
+}
+
+// The dynamic shared memory one block of `kernel` may ask for on `device`: the opt-in maximum less
+// the kernel's static shared memory (a launch asking for more fails with "invalid argument").
+template <typename Kernel>
+size_t dynamic_smem_budget(Kernel kernel, int device) {
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return (size_t)optin - attributes.sharedSizeBytes;
 }
 
 // decode_steps runs in fp32 or bf16 (its arguments are checked): calls f with a value of s's type,
