@@ -355,7 +355,7 @@ class RecurrentDepthLM(nn.Module):
         prelude_mask = mask
         if prelude_hidden is not None:  # to the prelude's attention a hidden token is as padding is
             kept = ~prelude_hidden if attention_mask is None else attention_mask.bool() & ~prelude_hidden
-            prelude_mask = self.positions(idx, attention_mask=kept)[2]  # (B, 1, T, T)
+            prelude_mask = self.causal_mask(idx.size(1), 0, kept, idx.device)  # (B, 1, T, T)
         e = self.embed(idx, cos, sin, mask=prelude_mask, attention_mask=attention_mask)
         n, k = self.resolve_num_steps(num_steps)
         if targets is not None and target_lookups is not None and k > 0:
@@ -380,20 +380,26 @@ class RecurrentDepthLM(nn.Module):
             kv_cache.check_room(T)
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         keys = kv_cache.add_tokens(attention_mask, T) if kv_cache is not None else attention_mask  # (B, start + T)
+        return cos, sin, self.causal_mask(T, start, keys, idx.device)
+
+    @staticmethod
+    def causal_mask(T, start, keys, device):
+        """The mask of T new tokens after `start` cached ones (positions' mask); keys (B, start + T):
+        1 = token, 0 = padding, or None."""
         if keys is None and (start == 0 or T == 1):
             # SDPA's is_causal; one token attends to every key (an all-True mask would cost SDPA a
             # conversion per call)
-            return cos, sin, None
+            return None
         # New tokens attend to all cached tokens and causally among themselves.
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
         if keys is not None:
             # Padding: no token attends to it. Rows share positions, which changes no score: RoPE
             # is relative. A padding query attends to itself only: a row of False would make SDPA
             # return NaN, and NaN values poison the output even under a zero weight.
-            pos = torch.arange(start + T, device=idx.device)
+            pos = torch.arange(start + T, device=device)
             itself = pos[start:, None] == pos  # (T, start + T)
             mask = mask & (keys.bool()[:, None, None, :] | itself)  # (B, 1, T, start + T)
-        return cos, sin, mask
+        return mask
 
     def per_step_loss(self, e, num_steps, cos, sin, targets, target_lookups, init_scale, mask=None):
         """Not in Huginn, which supervises only the last step. Decode the state after every step
