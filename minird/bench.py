@@ -343,8 +343,8 @@ def generation_rows(device, new_tokens=32):
             # Only the reference path's plain loop at r = 32 (~90 ms a token) times 8 tokens. On the
             # kernels 8 were ~15 ms against a prompt's forward whose time moved by ~10 ms between runs:
             # their difference once gave 1,520 tok/s where decode_steps alone allows ~480 (H100).
-            few = r == 32 and not kernels and not graph
-            _, tok_s = decode_rate(run, batch, 8 if few else new_tokens, device)
+            slow_reference_loop = r == 32 and not kernels and not graph
+            _, tok_s = decode_rate(run, batch, 8 if slow_reference_loop else new_tokens, device)
             cells.append(f"{tok_s:.0f} ({1e6 * batch / tok_s / r:.1f} us)")
         print(f"| {batch} | {r} | " + " | ".join(cells) + f" | {decode_floor(model, batch, r, bw):.0f} |", flush=True)
     model.use_kernels = True
