@@ -365,6 +365,19 @@ def generation_rows(device, new_tokens=32):
         agree = (out.ids[0, CACHE:] == greedy.ids[0, CACHE:out.ids.size(1)]).float().mean().item()
         print(f"| diffusion, inner_recurrence {inner} | {(out.ids.size(1) - CACHE) / seconds:.0f} | "
               f"{out.stats.forwards} | {out.steps[0, CACHE:].float().mean():.1f} | {agree:.0%} |", flush=True)
+    print(f"\nadaptive exit vs a fixed r, batch 1, at most 32 steps, {new_tokens} new tokens, same model: each "
+          "step on the kernels, then the criterion and one wait for the device (the host decides whether "
+          "to run the next step, so no graph)")
+    print("| decoding | tokens/s (decoding) | core steps per token | us per core step |")
+    print("|---|---|---|---|")
+    exits = [("fixed r = 32, plain loop", dict(cuda_graph=False))]
+    exits += [("fixed r = 32, graph", dict(cuda_graph=True))] if device == "cuda" else []
+    exits += [(f"adaptive, {criterion}", dict(criterion=criterion)) for criterion in ("latent-diff", "kl")]
+    for label, options in exits:
+        run = lambda n: generate(model, prompt, n, num_steps=32, **options)  # noqa: E731
+        out, tok_s = decode_rate(run, 1, new_tokens, device)
+        steps = out.steps[0, CACHE:].float().mean().item()  # the tokens fed back, which decode_rate times
+        print(f"| {label} | {tok_s:.0f} | {steps:.1f} | {1e6 / tok_s / steps:.1f} |", flush=True)
     print(f"\nself-speculative vs greedy, batch 1, r = 32, {new_tokens} new tokens, same model: drafts at "
           f"draft_steps, {LOOKAHEAD} a round, verified in one forward at r = 32 (greedy's tokens up to rounding: "
           f"the verify runs {LOOKAHEAD + 1} tokens a forward)")

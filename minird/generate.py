@@ -88,20 +88,24 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
     rows_done = torch.zeros(B, dtype=torch.bool, device=e.device)
     repeats = []  # (step, rows, their core entries at that step) for the rows that stopped early
     for step in range(num_steps):
-        s_next = torch.where(stopped[..., None], s, model.core_step(s, e, cos, sin, step, kv_cache, mask))
+        # one step, on the kernels where they run (model.iterate), writing the cache entries of `step`
+        s_next = model.iterate(e, (1, 0), cos, sin, kv_cache, mask, s0=s, first_step=step)
+        s_next = torch.where(stopped[..., None], s, s_next)
         logits = None
         if exit_rule.needs_logits:  # the coda's cache entries it writes are rewritten by the last readout
             logits = model.readout(s_next, cos, sin, kv_cache, mask)
         newly = exit_rule.converged(s, s_next, logits) & ~stopped & (step + 1 >= min_steps)
-        used[newly] = step + 1
+        used = torch.where(newly, step + 1, used)
         stopped |= newly
         s = s_next
         rows = stopped.all(dim=1) & ~rows_done
-        if kv_cache is not None and rows.any() and step + 1 < num_steps:
+        rows_done |= rows
+        # the one wait for the device a step: which rows stopped now, and whether all have
+        rows_stopped_now, all_done = torch.stack([rows.any(), rows_done.all()]).tolist()
+        if kv_cache is not None and rows_stopped_now and step + 1 < num_steps:
             # copied now: the steps that go on for other rows overwrite these rows' entries
             repeats.append((step, rows, kv_cache.core_entries(step, T, rows)))
-        rows_done |= rows
-        if rows_done.all():
+        if all_done:
             break
     for step, rows, entries in repeats:
         kv_cache.repeat_step(entries, step, num_steps, T, rows)

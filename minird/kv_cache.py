@@ -117,12 +117,13 @@ class KVCache:
         and values from core_entries ("latest entry"), for later tokens to read at those steps.
         last_step's own slot is written too: under compress-sN a later step may share it."""
         new = slice(self.seq_len, self.seq_len + n_new)
+        row_index = rows.nonzero().squeeze(1)  # once, not once per (step, layer) as a mask index would
         for j, (k, v) in enumerate(entries):
             B, nh, _, hs = self.entries[self.slot(("core", last_step, j))][0].shape
             for step in range(last_step, num_steps):
                 k_buf, v_buf = self.buffers(("core", step, j), B, nh, hs, k.dtype, k.device)
-                k_buf[rows, :, new] = k
-                v_buf[rows, :, new] = v
+                k_buf[:, :, new].index_copy_(0, row_index, k)
+                v_buf[:, :, new].index_copy_(0, row_index, v)
 
     def add_tokens(self, attention_mask, n_new):
         """Record which of the n_new tokens being added are tokens and which left padding

@@ -258,21 +258,24 @@ class RecurrentDepthLM(nn.Module):
             s = block(s, cos, sin, kv_cache, ("core", step, j), mask)
         return s
 
-    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False, s0=None):
+    def iterate(self, e, num_steps, cos, sin, kv_cache=None, mask=None, init_scale=None, keep_states=False, s0=None,
+                first_step=0):
         """Run the core num_steps = (n, k) times from s0 (default: a fresh one): n steps without
         gradient (truncated backprop), then k with gradient. e gets gradient at every grad step.
-        Returns the final state, or with keep_states the list of states after each grad step."""
+        first_step: the index of the first of them (which KV-cache entries they use; adaptive exit
+        runs one step at a time). Returns the final state, or with keep_states the list of states
+        after each grad step."""
         s = self.initialize_state(e, init_scale) if s0 is None else s0
         if self.use_kernels and ops.kernels_available(e.device.type):  # the same steps, fused
             c = self.config
             return ops.iterate(s, e, num_steps, self.adapter.weight, ops.block_weights(self.core), c.n_head,
-                               c.norm_eps, cos, sin, kv_cache, mask, keep_states)
+                               c.norm_eps, cos, sin, kv_cache, mask, keep_states, first_step)
         n_no_grad, n_grad = num_steps
         with torch.no_grad():
-            for step in range(n_no_grad):
+            for step in range(first_step, first_step + n_no_grad):
                 s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
         states = []
-        for step in range(n_no_grad, n_no_grad + n_grad):
+        for step in range(first_step + n_no_grad, first_step + n_no_grad + n_grad):
             s = self.core_step(s, e, cos, sin, step, kv_cache, mask)
             states.append(s)
         return states if keep_states else s

@@ -358,10 +358,12 @@ def core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, k
 
 
 def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_cache=None, mask=None,
-            keep_states=False):
-    """RecurrentDepthLM.iterate on the kernels, from the state s (B, T, h). The steps without
-    gradient run in one C++ call; the steps with gradient go through core_step's differentiable ops."""
+            keep_states=False, first_step=0):
+    """RecurrentDepthLM.iterate on the kernels, from the state s (B, T, h), steps first_step,
+    first_step + 1, ... The steps without gradient run in one C++ call; the steps with gradient go
+    through core_step's differentiable ops."""
     n_no_grad, n_grad = num_steps
+    no_grad_steps = range(first_step, first_step + n_no_grad)
     h = e.size(-1)
     s = s.contiguous()  # the C++ steps take contiguous states; an s0 may be a slice (continuous_compute's s[:, -1:])
     cos, sin = cos.to(s.dtype), sin.to(s.dtype)  # a bf16 model may keep fp32 tables; the kernels take one dtype
@@ -370,21 +372,21 @@ def iterate(s, e, num_steps, adapter_weight, weights, n_head, eps, cos, sin, kv_
         with torch.no_grad():
             if kv_cache is not None and kv_cache.position_on_device:
                 s = _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask,
-                                              n_no_grad, kv_cache)
+                                              no_grad_steps, kv_cache)
             else:
-                s = _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, n_no_grad,
+                s = _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, no_grad_steps,
                                   kv_cache)
     states = []
-    for step in range(n_no_grad, n_no_grad + n_grad):
+    for step in range(no_grad_steps.stop, no_grad_steps.stop + n_grad):
         s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, kv_cache, mask)
         states.append(s)
     return states if keep_states else s
 
 
-def _cache_buffers(kv_cache, s, num_steps, n_weights, n_head):
-    """The (step, core block) key and value buffers of kv_cache for num_steps steps, in the order the
-    ops take them (step after step, block after block)."""
-    keys = [("core", step, j) for step in range(num_steps) for j in range(n_weights // len(BLOCK_TENSORS))]
+def _cache_buffers(kv_cache, s, steps, n_weights, n_head):
+    """The (step, core block) key and value buffers of kv_cache for the steps (a range), in the order
+    the ops take them (step after step, block after block)."""
+    keys = [("core", step, j) for step in steps for j in range(n_weights // len(BLOCK_TENSORS))]
     return _buffers_of(kv_cache, keys, s, n_head)
 
 
@@ -424,29 +426,29 @@ def _blocks_in_decode_kernel(x, weights, n_head, eps, cos, sin, kv_cache, cache_
                         pos_on_device)
 
 
-def _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, kv_cache):
-    """Steps 0 .. num_steps - 1 in one C++ call, writing kv_cache in place; one new token on CUDA
-    (decode) runs in the persistent decode_steps kernel."""
+def _steps_in_cpp(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, steps, kv_cache):
+    """The steps (a range of step indices) in one C++ call, writing kv_cache in place; one new token
+    on CUDA (decode) runs in the persistent decode_steps kernel."""
     if kv_cache is None:
-        return recurrent_steps(s, e_proj, adapter_weight, weights, cos, sin, mask, num_steps, n_head, eps)
-    k_cache, v_cache = _cache_buffers(kv_cache, s, num_steps, len(weights), n_head)
-    args = (k_cache, v_cache, kv_cache.seq_len, num_steps, n_head, eps)
+        return recurrent_steps(s, e_proj, adapter_weight, weights, cos, sin, mask, len(steps), n_head, eps)
+    k_cache, v_cache = _cache_buffers(kv_cache, s, steps, len(weights), n_head)
+    args = (k_cache, v_cache, kv_cache.seq_len, len(steps), n_head, eps)
     if _decodes_in_kernel(s, kv_cache):
         return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, *args)
     return recurrent_steps_cached(s, e_proj, adapter_weight, weights, cos, sin, mask, *args)
 
 
-def _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, num_steps, view):
+def _steps_at_device_position(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, mask, steps, view):
     """The steps of new tokens whose positions are a device tensor (a kv_cache.DecodeView: one token
     per row while decoding, or a verify's drafts), with no host value in any kernel argument: what
     a CUDA graph captures once and replays at every position. One token of one row on CUDA:
     decode_steps reading the position from view.positions; otherwise core_step per step (Python
     runs only while the graph is captured)."""
     if _decodes_in_kernel(s, view):
-        k_cache, v_cache = _cache_buffers(view, s, num_steps, len(weights), n_head)
+        k_cache, v_cache = _cache_buffers(view, s, steps, len(weights), n_head)
         pos, pos_on_device = _kernel_position(view)
-        return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, pos, num_steps, n_head,
+        return decode_steps(s, e_proj, adapter_weight, weights, cos, sin, k_cache, v_cache, pos, len(steps), n_head,
                             eps, pos_on_device)
-    for step in range(num_steps):
+    for step in steps:
         s = core_step(s, e_proj, adapter_weight, weights, n_head, eps, cos, sin, step, view, mask)
     return s

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import make_model
+from minird import ops
 from minird.generate import GenerationConfig, feed, generate, left_pad
 from minird.kv_cache import KVCache, kv_cache_bytes
 
@@ -165,6 +166,35 @@ def test_adaptive_exit_per_token(tiny_config, criterion):
     for b in range(3):
         alone, alone_steps = ids_and_steps(model, prompts[b:b + 1], 4, num_steps=6, criterion=criterion, min_steps=2)
         assert torch.equal(alone, out[b:b + 1]) and torch.equal(alone_steps, steps[b:b + 1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("criterion", ["kl", "entropy-diff"])
+def test_adaptive_exit_runs_on_the_kernels(tiny_config, device, criterion):
+    """With the kernels on, adaptive exit runs each step on them (one C++ call a step; one token of
+    one row on CUDA: one decode_steps launch), never the reference core_step, and gives the
+    reference path's tokens and steps (fp32): a batch whose prompt goes in at once, one row, a full
+    and a shared cache. The criteria chosen stop tokens at different steps on this model."""
+    if not ops.kernels_available(device):
+        pytest.skip(f"minird._C has no {device} kernels")
+    tiny_config.init_scale = 0.0
+    reference = make_model(tiny_config).eval().to(device)
+    fused = make_model(tiny_config, use_kernels=True).eval().to(device)
+
+    def reference_step(*args):
+        raise AssertionError("adaptive exit ran the reference core_step with the kernels on")
+
+    fused.core_step = reference_step
+    torch.manual_seed(1)
+    prompts = torch.randint(0, tiny_config.vocab_size, (2, 6), device=device)
+    for rows in (prompts, prompts[:1]):
+        for strategy in ("full", "compress-s2"):
+            kwargs = dict(num_steps=8, criterion=criterion, min_steps=2, cache_lookup_strategy=strategy)
+            want = generate(reference, rows, 6, **kwargs)
+            got = generate(fused, rows, 6, **kwargs)
+            assert torch.equal(got.ids, want.ids) and torch.equal(got.steps, want.steps)
+            assert (want.steps > 2).any() and (want.steps < 8).any()  # tokens stopped at different steps
 
 
 def test_adaptive_exit_bad_criterion(tiny_config):
