@@ -100,11 +100,12 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
         s = s_next
         rows = stopped.all(dim=1) & ~rows_done
         rows_done |= rows
-        # the one wait for the device a step: which rows stopped now, and whether all have
-        rows_stopped_now, all_done = torch.stack([rows.any(), rows_done.all()]).tolist()
-        if kv_cache is not None and rows_stopped_now and step + 1 < num_steps:
+        # the one wait for the device a step: whether rows stopped now, all of them, and all so far
+        some_now, all_now, all_done = torch.stack([rows.any(), rows.all(), rows_done.all()]).tolist()
+        if kv_cache is not None and some_now and step + 1 < num_steps:
             # copied now: the steps that go on for other rows overwrite these rows' entries
-            repeats.append((step, rows, kv_cache.core_entries(step, T, rows)))
+            rows_now = None if all_now else rows  # None: every row (one row alone, always)
+            repeats.append((step, rows_now, kv_cache.core_entries(step, T, rows_now)))
         if all_done:
             break
     for step, rows, entries in repeats:
