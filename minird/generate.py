@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from minird import ops
-from minird.graphed import TokenGraph, VerifyGraph
+from minird.graphed import AdaptiveTokenGraph, TokenGraph, VerifyGraph
 from minird.kv_cache import KVCache, parse_lookup_strategy
 
 # -----------------------------------------------------------------------------
@@ -35,7 +35,9 @@ EXIT_THRESHOLDS = {"kl": 1e-3, "latent-diff": 0.03, "entropy-diff": 1e-3, "argma
 
 
 class ExitCriterion:
-    """Tracks, per token, the quantity its criterion compares with the threshold, step by step."""
+    """Tracks, per token, the quantity its criterion compares with the threshold, step by step.
+    Its state is updated in place, so that a CUDA graph of a step reads and writes the same buffers
+    at every replay (minird.graphed.AdaptiveTokenGraph)."""
 
     def __init__(self, criterion, threshold, shape, vocab_size, device):
         if criterion not in EXIT_THRESHOLDS:
@@ -43,9 +45,16 @@ class ExitCriterion:
         self.criterion = criterion
         self.threshold = EXIT_THRESHOLDS[criterion] if threshold == "auto" else float(threshold)
         self.needs_logits = criterion in ("kl", "entropy-diff", "argmax-stability")
-        self.log_p = torch.full((*shape, vocab_size), -math.log(vocab_size), device=device)  # p_0 uniform
-        self.top = torch.full(shape, -1, dtype=torch.long, device=device)  # no top token before step 1
-        self.same_top = torch.zeros(shape, dtype=torch.long, device=device)
+        self.log_p = torch.empty((*shape, vocab_size), device=device)  # log p_(t-1)
+        self.top = torch.empty(shape, dtype=torch.long, device=device)  # the top token at t - 1
+        self.same_top = torch.empty(shape, dtype=torch.long, device=device)  # steps it has stayed on top
+        self.reset()
+
+    def reset(self):
+        """Back to before step 1, for the next token: p_0 uniform, no top token."""
+        self.log_p.fill_(-math.log(self.log_p.size(-1)))
+        self.top.fill_(-1)
+        self.same_top.zero_()
 
     def converged(self, s_prev, s, logits=None):
         """(B, T) bool: has each token converged at this step?"""
@@ -54,16 +63,18 @@ class ExitCriterion:
         if self.criterion == "cosine":
             return 1 - F.cosine_similarity(s, s_prev, dim=-1) < self.threshold
         log_p, log_p_prev = logits.float().log_softmax(-1), self.log_p
-        self.log_p = log_p
         if self.criterion == "kl":
-            return (log_p_prev.exp() * (log_p_prev - log_p)).sum(-1) < self.threshold
-        if self.criterion == "entropy-diff":
+            converged = (log_p_prev.exp() * (log_p_prev - log_p)).sum(-1) < self.threshold
+        elif self.criterion == "entropy-diff":
             entropy = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
-            return (entropy(log_p) - entropy(log_p_prev)).abs() < self.threshold
-        top = log_p.argmax(-1)
-        self.same_top = torch.where(top == self.top, self.same_top + 1, 0)
-        self.top = top
-        return self.same_top >= self.threshold
+            converged = (entropy(log_p) - entropy(log_p_prev)).abs() < self.threshold
+        else:  # argmax-stability
+            top = log_p.argmax(-1)
+            self.same_top.copy_(torch.where(top == self.top, self.same_top + 1, 0))
+            self.top.copy_(top)
+            converged = self.same_top >= self.threshold
+        self.log_p.copy_(log_p)
+        return converged
 
 
 @torch.no_grad()
@@ -222,7 +233,7 @@ class GenerationConfig:
         if self.cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
         if self.cuda_graph is True and not self.graphable:
-            raise ValueError("cuda_graph=True needs greedy decoding at a fixed r: temperature=0, criterion='none', "
+            raise ValueError("cuda_graph=True needs greedy decoding one token a forward: temperature=0, "
                              "no diffusion_forcing")
         if self.diffusion_forcing:
             for name in ("inner_recurrence", "max_wavefront", "headway", "max_diffusion_steps"):
@@ -259,13 +270,19 @@ class GenerationConfig:
 
     @property
     def graphable(self):
-        """Can one token be a CUDA graph replay: greedy, at a fixed r, one token a forward (with
-        draft_steps: each drafted token)."""
-        return self.temperature == 0 and self.criterion == "none" and not self.diffusion_forcing
+        """Can a token be CUDA graph replays: greedy, one token a forward (with draft_steps: each
+        drafted token); at a fixed r one replay, with a criterion (one row) one per step."""
+        return self.temperature == 0 and not self.diffusion_forcing
 
-    def graphed_on(self, device):
-        """Whether generate replays tokens from a CUDA graph on device (the CPU only if required)."""
-        return self.cuda_graph is True or (self.cuda_graph == "auto" and self.graphable and device.type == "cuda")
+    def graphed_on(self, device, batch):
+        """Whether generate replays tokens from CUDA graphs on device (the CPU only if required), for
+        a batch of that many rows: under adaptive exit the rows of a batch stop at different steps,
+        so a graph serves one row."""
+        if self.cuda_graph is True and self.criterion != "none" and batch > 1:
+            raise ValueError(f"cuda_graph=True with a criterion decodes one row (its tokens stop on their own), "
+                             f"got a batch of {batch}")
+        return self.cuda_graph is True or (self.cuda_graph == "auto" and self.graphable and device.type == "cuda"
+                                           and (self.criterion == "none" or batch == 1))
 
 
 @dataclass
@@ -317,7 +334,7 @@ def generate(model, idx, max_new_tokens, config=None, attention_mask=None, **opt
         decode = decode_diffusion
     elif config.draft_steps is not None:
         decode = decode_speculatively
-    elif config.graphed_on(idx.device):
+    elif config.graphed_on(idx.device, idx.size(0)):
         decode = decode_graphed
     else:
         decode = decode_plainly
@@ -405,7 +422,7 @@ def decode_speculatively(model, idx, length, config, attention_mask):
     the two decoders write the same tokens."""
     B = idx.size(0)
     draft_graph = verify_graph = None
-    if config.graphed_on(idx.device):
+    if config.graphed_on(idx.device, B):
         draft_graph, verify_graph = kept_graphs(model, B, length, config, attention_mask, lambda cache: (
             TokenGraph(model, cache, B, config.draft_steps, init_scale=config.init_scale),
             VerifyGraph(model, cache, B, config.num_steps, config.lookahead_for_draft + 1, config.init_scale)))
@@ -470,7 +487,8 @@ def kept_graphs(model, batch, length, config, attention_mask, build):
     bucket = min(model.config.block_size, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
     # (the drafting fields only where there are drafts: plain decoding ignores lookahead_for_draft)
     drafting = (config.draft_steps, config.lookahead_for_draft) if config.draft_steps is not None else None
-    shape = (batch, bucket, config.num_steps, drafting, attention_mask is not None, config.continuous_compute,
+    exits = (config.criterion, config.exit_threshold, config.min_steps) if config.criterion != "none" else None
+    shape = (batch, bucket, config.num_steps, drafting, exits, attention_mask is not None, config.continuous_compute,
              config.cache_lookup_strategy, config.init_scale, model.use_kernels, ops.DECODE_KERNEL_MAX_WIDTH,
              tuple(p.data_ptr() for p in model.parameters()))  # new weight tensors need a new graph
     kept = GRAPHS.pop(model, None)  # (dropped first when the shape changed: its cache's memory is freed)
@@ -485,15 +503,20 @@ def kept_graphs(model, batch, length, config, attention_mask, build):
 
 
 def decode_graphed(model, idx, length, config, attention_mask):
-    """decode_plainly's tokens (greedy, fixed r), each token after the first one CUDA graph replay
-    (on the CPU: the same static-position step, uncaptured). The prompt's forward runs as usual.
-    With stop tokens the output is read back every READ_BACK_EVERY tokens, so up to that many
-    more tokens are computed than kept. Returns (ids, steps, stats, kv_cache)."""
+    """decode_plainly's tokens (greedy), each token after the first one CUDA graph replay at a fixed
+    r, or with a criterion (batch 1) a replay per step (graphed.AdaptiveTokenGraph); on the CPU
+    the same static-position code, uncaptured. The prompt's forward runs as usual. With stop
+    tokens the output is read back every READ_BACK_EVERY tokens, so up to that many more tokens
+    are computed than kept. Returns (ids, steps, stats, kv_cache)."""
     B, T = idx.shape
-    graph, = kept_graphs(model, B, length, config, attention_mask, lambda cache: (TokenGraph(
-        model, cache, B, config.num_steps, config.continuous_compute, config.init_scale),))
-    logits, steps, s = feed(model, idx, graph.kv_cache, config.num_steps, attention_mask=attention_mask,
-                            init_scale=config.init_scale)  # the prompt
+    if config.criterion == "none":
+        build = lambda cache: (TokenGraph(model, cache, B, config.num_steps, config.continuous_compute,  # noqa: E731
+                                          config.init_scale),)
+    else:
+        build = lambda cache: (AdaptiveTokenGraph(model, cache, config),)  # noqa: E731
+    graph, = kept_graphs(model, B, length, config, attention_mask, build)
+    logits, steps, s = feed(model, idx, graph.kv_cache, config.num_steps, config.criterion, config.exit_threshold,
+                            config.min_steps, attention_mask=attention_mask, init_scale=config.init_scale)  # the prompt
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     new_ids, done = until_all_stopped(choose(logits[:, -1], config), done, config.stop_tokens)  # (B, 1)
     graph.start(new_ids, T, s[:, -1:])
@@ -502,8 +525,8 @@ def decode_graphed(model, idx, length, config, attention_mask):
         more, done = until_all_stopped(graph.run(min(n, READ_BACK_EVERY) if config.stop_tokens else n), done,
                                        config.stop_tokens)
         new_ids = torch.cat([new_ids, more], dim=1)
-    fed = torch.full((B, new_ids.size(1) - 1), config.num_steps, dtype=steps.dtype, device=steps.device)
     stats = DraftStats(forwards=new_ids.size(1))
+    fed = graph.fed_steps(T, new_ids.size(1) - 1).to(steps.dtype)  # the tokens fed after the prompt
     return torch.cat([idx, new_ids], dim=1), torch.cat([steps, fed], dim=1), stats, graph.kv_cache
 
 

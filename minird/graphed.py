@@ -44,20 +44,7 @@ class CapturedStep:
         self.graph = None
 
     def capture(self, inputs):
-        """Record step() in a CUDA graph. One warm-up run first, on a side stream (as torch's
-        docs ask), so that lazy set-up (cuBLAS handles, kernel attributes) is not recorded; it
-        writes at the current positions only, which the first replay rewrites."""
-        saved = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        for t, value in zip(inputs, saved):
-            t.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        self.graph = record(self.step, inputs)
 
     def replay(self):
         if self.graph is not None:
@@ -66,21 +53,54 @@ class CapturedStep:
             self.step()
 
 
-class TokenGraph(CapturedStep):
-    """The forward of one new token per row at the device position pos, then argmax, for a model
-    and a KVCache already holding the prompt. start() sets where decoding begins; run(n) replays n
-    tokens (captured on CUDA, step by step elsewhere) and returns them."""
+def record(fn, inputs):
+    """fn() recorded in a CUDA graph (returned, not run). One warm-up run first, on a side stream
+    (as torch's docs ask), so that lazy set-up (cuBLAS handles, kernel attributes) is not recorded;
+    it writes at the current positions only, which the first replay rewrites, and the buffers in
+    inputs, which fn() reads and changes, are put back after it."""
+    saved = [t.clone() for t in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, value in zip(inputs, saved):
+        t.copy_(value)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
-    def __init__(self, model, kv_cache, batch, num_steps, continuous_compute=False, init_scale=None):
-        super().__init__(model, kv_cache, num_steps, init_scale)
+
+class Replayed:
+    """fn() as a CUDA graph on CUDA, recorded at the first replay() (record(fn, inputs)) and
+    replayed after; elsewhere replay() runs fn() as it is."""
+
+    def __init__(self, fn, inputs, device):
+        self.fn, self.inputs, self.on_cuda = fn, inputs, device.type == "cuda"
+        self.graph = None
+
+    def replay(self):
+        if not self.on_cuda:
+            return self.fn()
+        if self.graph is None:
+            self.graph = record(self.fn, self.inputs)
+        self.graph.replay()
+
+
+class DecodingPosition:
+    """What decoding one token per row at a device position keeps from token to token: pos, the
+    token fed next, its s0 (continuous compute: the state of the token before), the tokens written
+    (ids[:, p]: the token at p), and the host's copy of pos."""
+
+    def __init__(self, model, kv_cache, batch):
         device, dtype = model.wte.weight.device, model.wte.weight.dtype
-        self.continuous_compute = continuous_compute
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position of the token fed next
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the token fed next
         self.state = torch.zeros(batch, 1, model.config.n_embd, dtype=dtype, device=device)  # its s0 if continuous
-        self.ids = torch.zeros(batch, kv_cache.max_len + 1, dtype=torch.long, device=device)  # ids[:, p]: token at p
+        self.ids = torch.zeros(batch, kv_cache.max_len + 1, dtype=torch.long, device=device)
         self.view = DecodeView(kv_cache, self.pos)
-        self.position = 0  # the host's copy of pos
+        self.position = 0
 
     def start(self, token, position, state=None):
         """Decode from token (B, 1) at position (the cache holds the positions before it); state
@@ -90,6 +110,28 @@ class TokenGraph(CapturedStep):
         self.position = position
         if state is not None:
             self.state.copy_(state)
+
+    def check_room(self, n):
+        """ValueError unless n more tokens fit in the cache."""
+        if self.position + n > self.view.cache.max_len:
+            raise ValueError(f"{self.position + n} tokens do not fit a KV cache of {self.view.cache.max_len}")
+
+    def written(self, n):
+        """The tokens (B, n) that the last n tokens fed chose; the host's position moves past them."""
+        first = self.position + 1
+        self.position += n
+        return self.ids[:, first:first + n].clone()
+
+
+class TokenGraph(CapturedStep, DecodingPosition):
+    """The forward of one new token per row at the device position pos, then argmax, for a model
+    and a KVCache already holding the prompt. start() sets where decoding begins; run(n) replays n
+    tokens (captured on CUDA, step by step elsewhere) and returns them."""
+
+    def __init__(self, model, kv_cache, batch, num_steps, continuous_compute=False, init_scale=None):
+        CapturedStep.__init__(self, model, kv_cache, num_steps, init_scale)
+        DecodingPosition.__init__(self, model, kv_cache, batch)
+        self.continuous_compute = continuous_compute
 
     def step(self):
         """One token: its logits at num_steps, the argmax fed next and written to ids; pos + 1."""
@@ -109,15 +151,104 @@ class TokenGraph(CapturedStep):
 
     def run(self, n):
         """Feed n tokens, one after the other; returns the n tokens they chose (B, n)."""
-        if self.position + n > self.kv_cache.max_len:
-            raise ValueError(f"{self.position + n} tokens do not fit a KV cache of {self.kv_cache.max_len}")
+        self.check_room(n)
         if self.pos.is_cuda and self.graph is None and n > 0:
             self.capture((self.pos, self.token, self.state))
         for _ in range(n):
             self.replay()
-        first = self.position + 1
-        self.position += n
-        return self.ids[:, first:first + n].clone()
+        return self.written(n)
+
+    def fed_steps(self, position, n):
+        """The steps the n tokens fed from position on used (B, n): num_steps each."""
+        return torch.full((self.ids.size(0), n), self.num_steps, dtype=torch.long, device=self.ids.device)
+
+
+class AdaptiveTokenGraph(DecodingPosition):
+    """TokenGraph's decoding, one row, with per-token adaptive exit (generate's criterion): a token
+    stops after the first step at which its criterion is met (from min_steps on), at most num_steps.
+    Whether to run step i + 1 is the host's decision, so a token is several replays: the embedding
+    and prelude; step i (the step on the kernels, the criterion, whether the token has stopped),
+    after which the host reads that one flag (a wait for the device); once it has stopped, the
+    copies of its last step's keys and values into the steps it did not run (repeat_step: a graph
+    per last step); and the readout (coda, head, argmax). Each is captured at its first replay."""
+
+    def __init__(self, model, kv_cache, config):
+        from minird.generate import ExitCriterion  # (minird.generate imports this module)
+        super().__init__(model, kv_cache, 1)
+        self.model = weakref.ref(model)
+        self.kv_cache = kv_cache
+        self.num_steps, self.min_steps = config.num_steps, config.min_steps
+        self.continuous_compute, self.init_scale = config.continuous_compute, config.init_scale
+        device = self.pos.device
+        self.step_counts = torch.zeros(1, kv_cache.max_len, dtype=torch.long, device=device)  # of the token at p
+        # what the replays of a token hand each other: its angles, mask, e, state and criterion
+        self.cos = torch.zeros(1, model.rope_cos.size(-1), dtype=model.rope_cos.dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
+        self.mask = torch.zeros_like(self.view.mask())
+        self.e = torch.zeros_like(self.state)
+        self.s = torch.zeros_like(self.state)
+        self.used = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(1, 1, dtype=torch.bool, device=device)
+        rule = self.exit_rule = ExitCriterion(config.criterion, config.exit_threshold, (1, 1),
+                                              model.config.vocab_size, device)
+        changed = (self.s, self.used, self.stopped, rule.log_p, rule.top, rule.same_top)
+        self.begin = Replayed(self.embed, (self.pos, self.token, self.state), device)
+        self.steps = [Replayed(lambda i=i: self.core_step(i), changed, device) for i in range(self.num_steps)]
+        self.repeats = [Replayed(lambda i=i: self.view.repeat_step(i, self.num_steps), (), device)
+                        for i in range(self.num_steps - 1)]
+        self.finish = Replayed(self.readout, (self.pos, self.token, self.state), device)
+
+    def embed(self):
+        """The token's RoPE angles, mask, prelude output e and s0; the criterion back to step 0."""
+        model, view = self.model(), self.view
+        self.cos.copy_(model.rope_cos.index_select(0, self.pos))
+        self.sin.copy_(model.rope_sin.index_select(0, self.pos))
+        self.mask.copy_(view.mask())
+        self.e.copy_(model.embed(self.token, self.cos, self.sin, view, self.mask))
+        self.s.copy_(self.state if self.continuous_compute else model.initialize_state(self.e, self.init_scale))
+        self.used.fill_(self.num_steps)
+        self.stopped.zero_()
+        self.exit_rule.reset()
+
+    def core_step(self, i):
+        """Step i (0-based) and the criterion on it (iterate_adaptive's loop body for one token)."""
+        model, view = self.model(), self.view
+        s = model.iterate(self.e, (1, 0), self.cos, self.sin, view, self.mask, s0=self.s, first_step=i)
+        logits = model.readout(s, self.cos, self.sin, view, self.mask) if self.exit_rule.needs_logits else None
+        newly = self.exit_rule.converged(self.s, s, logits) & (i + 1 >= self.min_steps)
+        self.used.copy_(torch.where(newly, i + 1, self.used))
+        self.stopped |= newly
+        self.s.copy_(s)
+
+    def readout(self):
+        """The logits of the final state, the argmax fed next and written to ids; pos + 1."""
+        model, pos = self.model(), self.pos
+        logits = model.readout(self.s, self.cos, self.sin, self.view, self.mask)  # (1, 1, vocab)
+        next_id = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+        if self.continuous_compute:
+            self.state.copy_(self.s)
+        self.step_counts.index_copy_(1, pos, self.used)
+        self.token.copy_(next_id)
+        pos.add_(1)
+        self.ids.index_copy_(1, pos, next_id)
+
+    def run(self, n):
+        """Feed n tokens, one after the other; returns the n tokens they chose (1, n)."""
+        self.check_room(n)
+        for _ in range(n):
+            self.begin.replay()
+            for i in range(self.num_steps):
+                self.steps[i].replay()
+                if i + 1 >= self.min_steps and (i + 1 == self.num_steps or bool(self.stopped)):
+                    break  # (bool(): the one wait for the device a step)
+            if i + 1 < self.num_steps:
+                self.repeats[i].replay()
+            self.finish.replay()
+        return self.written(n)
+
+    def fed_steps(self, position, n):
+        """The steps the n tokens fed from position on used (1, n)."""
+        return self.step_counts[:, position:position + n].clone()
 
 
 class VerifyGraph(CapturedStep):

@@ -204,6 +204,19 @@ class DecodeView:
         self.cache.embeddings.index_copy_(1, self.positions, x)
         return self.cache.embeddings.index_select(1, self.positions[:1] - 1)
 
+    def repeat_step(self, last_step, num_steps):
+        """KVCache.repeat_step for the new tokens of every row, at their device positions: the
+        core entries of steps last_step .. num_steps - 1 get last_step's keys and values there."""
+        cache = self.cache
+        for j in range(cache.n_core_layers):
+            last = cache.entries[cache.slot(("core", last_step, j))]
+            B, nh, _, hs = last[0].shape
+            k, v = (t.index_select(2, self.positions) for t in last)  # copies, before any slot is written
+            for step in range(last_step, num_steps):
+                k_buf, v_buf = self.buffers(("core", step, j), B, nh, hs, k.dtype, k.device)
+                k_buf.index_copy_(2, self.positions, k)
+                v_buf.index_copy_(2, self.positions, v)
+
     def mask(self):
         """(B or 1, 1, T, max_len) bool: the keys each new token attends to (causal: up to its own
         position), without the prompt's padding."""

@@ -37,6 +37,26 @@ def test_graphed_is_the_plain_loop(tiny_config, device, use_kernels, options, ba
 
 
 @pytest.mark.parametrize("device,use_kernels", BACKENDS)
+@pytest.mark.parametrize("criterion,threshold", [("kl", "auto"), ("latent-diff", 0.1), ("argmax-stability", 2)])
+@pytest.mark.parametrize("options", OPTIONS + [dict(min_steps=3)], ids=["plain", "continuous", "compress-s2", "min3"])
+def test_graphed_adaptive_exit_is_the_plain_loop(tiny_config, device, use_kernels, criterion, threshold, options):
+    """Adaptive exit, one row, a replay per step (AdaptiveTokenGraph): fp32, the plain loop's tokens
+    and the steps each token used, up to block_size, the graphs kept from call to call. (Criteria
+    whose quantities sit away from their thresholds on this model: tests/test_generate.py.)"""
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config, use_kernels=use_kernels).eval().to(device)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 6), device=device)
+    kwargs = dict(num_steps=8, criterion=criterion, exit_threshold=threshold, **options)
+    for new_tokens in (1, 9, 100):
+        plain = generate(model, prompt, new_tokens, cuda_graph=False, **kwargs)
+        graphed = generate(model, prompt, new_tokens, cuda_graph=True, **kwargs)
+        assert torch.equal(graphed.ids, plain.ids) and torch.equal(graphed.steps, plain.steps)
+    assert plain.ids.size(1) == tiny_config.block_size
+    assert len(set(plain.steps[0, 6:].tolist())) > 1  # the tokens stopped at different steps
+
+
+@pytest.mark.parametrize("device,use_kernels", BACKENDS)
 def test_graphed_stops_and_pads_as_the_plain_loop(tiny_config, device, use_kernels):
     """Stop tokens (read back every few tokens: the output is cut where the plain loop stops) and
     left-padded prompts (the mask of the padding kept in the cache) give the plain loop's tokens."""
@@ -131,15 +151,15 @@ def test_graphed_bf16_tokens(tiny_config, batch):
     assert torch.equal(graphed, plain)
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(cuda_graph=True, temperature=0.7), "cuda_graph=True needs greedy decoding at a fixed r"),
-    (dict(cuda_graph=True, criterion="kl"), "cuda_graph=True needs greedy decoding at a fixed r"),
-    (dict(cuda_graph=True, diffusion_forcing=True), "cuda_graph=True needs greedy decoding at a fixed r"),
-    (dict(cuda_graph="yes"), "cuda_graph must be 'auto', True or False"),
+@pytest.mark.parametrize("kwargs, rows, fragment", [
+    (dict(cuda_graph=True, temperature=0.7), 1, "cuda_graph=True needs greedy decoding one token a forward"),
+    (dict(cuda_graph=True, diffusion_forcing=True), 1, "cuda_graph=True needs greedy decoding one token a forward"),
+    (dict(cuda_graph=True, criterion="kl"), 2, "cuda_graph=True with a criterion decodes one row"),
+    (dict(cuda_graph="yes"), 1, "cuda_graph must be 'auto', True or False"),
 ])
-def test_graphed_bad_options(tiny_config, kwargs, fragment):
+def test_graphed_bad_options(tiny_config, kwargs, rows, fragment):
     with pytest.raises(ValueError) as err:
-        generate(make_model(tiny_config).eval(), torch.zeros(1, 4, dtype=torch.long), 3, num_steps=4, **kwargs)
+        generate(make_model(tiny_config).eval(), torch.zeros(rows, 4, dtype=torch.long), 3, num_steps=4, **kwargs)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
