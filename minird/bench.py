@@ -366,13 +366,14 @@ def generation_rows(device, new_tokens=32):
         print(f"| diffusion, inner_recurrence {inner} | {(out.ids.size(1) - CACHE) / seconds:.0f} | "
               f"{out.stats.forwards} | {out.steps[0, CACHE:].float().mean():.1f} | {agree:.0%} |", flush=True)
     print(f"\nadaptive exit vs a fixed r, batch 1, at most 32 steps, {new_tokens} new tokens, same model: each "
-          "step on the kernels, then the criterion and one wait for the device (the host decides whether "
-          "to run the next step, so no graph)")
+          "step on the kernels, then the criterion and one wait for the device (the host decides whether to "
+          "run the next step); through graphs, a replay per step")
     print("| decoding | tokens/s (decoding) | core steps per token | us per core step |")
     print("|---|---|---|---|")
-    exits = [("fixed r = 32, plain loop", dict(cuda_graph=False))]
-    exits += [("fixed r = 32, graph", dict(cuda_graph=True))] if device == "cuda" else []
-    exits += [(f"adaptive, {criterion}", dict(criterion=criterion)) for criterion in ("latent-diff", "kl")]
+    loops = [("plain loop", False)] + ([("graph", True)] if device == "cuda" else [])
+    exits = [(f"fixed r = 32, {loop}", dict(cuda_graph=graph)) for loop, graph in loops]
+    exits += [(f"adaptive, {criterion}, {loop}", dict(criterion=criterion, cuda_graph=graph))
+              for criterion in ("latent-diff", "kl") for loop, graph in loops]
     for label, options in exits:
         run = lambda n: generate(model, prompt, n, num_steps=32, **options)  # noqa: E731
         out, tok_s = decode_rate(run, 1, new_tokens, device)

@@ -17,6 +17,8 @@ see stop tokens) or at the end.
 Self-speculative decoding replays two graphs on one cache: a TokenGraph at draft_steps for each
 drafted token, and a VerifyGraph that feeds the last token and the drafts in one forward at
 num_steps, at positions the host sets once a round, and writes the argmax of every position.
+Adaptive exit (one row) cannot be one graph, since whether to run step i + 1 is decided on the
+host after step i: an AdaptiveTokenGraph replays a graph per step and reads one flag after each.
 
 A graph is bound to its buffers (the KV cache, the tokens, the state, the positions), so it is
 captured once per (batch, r, cache length bucket, options) and kept by minird.generate for the next
