@@ -513,7 +513,8 @@ def decode_graphed(model, idx, length, config, attention_mask):
         build = lambda cache: (TokenGraph(model, cache, B, config.num_steps, config.continuous_compute,  # noqa: E731
                                           config.init_scale),)
     else:
-        build = lambda cache: (AdaptiveTokenGraph(model, cache, config),)  # noqa: E731
+        build = lambda cache: (AdaptiveTokenGraph(model, cache, config, ExitCriterion(  # noqa: E731
+            config.criterion, config.exit_threshold, (1, 1), model.config.vocab_size, idx.device)),)
     graph, = kept_graphs(model, B, length, config, attention_mask, build)
     logits, steps, s = feed(model, idx, graph.kv_cache, config.num_steps, config.criterion, config.exit_threshold,
                             config.min_steps, attention_mask=attention_mask, init_scale=config.init_scale)  # the prompt

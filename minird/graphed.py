@@ -174,8 +174,7 @@ class AdaptiveTokenGraph(DecodingPosition):
     copies of its last step's keys and values into the steps it did not run (repeat_step: a graph
     per last step); and the readout (coda, head, argmax). Each is captured at its first replay."""
 
-    def __init__(self, model, kv_cache, config):
-        from minird.generate import ExitCriterion  # (minird.generate imports this module)
+    def __init__(self, model, kv_cache, config, exit_rule):
         super().__init__(model, kv_cache, 1)
         self.model = weakref.ref(model)
         self.kv_cache = kv_cache
@@ -191,8 +190,7 @@ class AdaptiveTokenGraph(DecodingPosition):
         self.s = torch.zeros_like(self.state)
         self.used = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.stopped = torch.zeros(1, 1, dtype=torch.bool, device=device)
-        rule = self.exit_rule = ExitCriterion(config.criterion, config.exit_threshold, (1, 1),
-                                              model.config.vocab_size, device)
+        rule = self.exit_rule = exit_rule  # a generate.ExitCriterion of shape (1, 1): its state changes in place
         changed = (self.s, self.used, self.stopped, rule.log_p, rule.top, rule.same_top)
         self.begin = Replayed(self.embed, (self.pos, self.token, self.state), device)
         self.steps = [Replayed(lambda i=i: self.core_step(i), changed, device) for i in range(self.num_steps)]
