@@ -277,12 +277,13 @@ class GenerationConfig:
     def graphed_on(self, device, batch):
         """Whether generate replays tokens from CUDA graphs on device (the CPU only if required), for
         a batch of that many rows: under adaptive exit the rows of a batch stop at different steps,
-        so a graph serves one row."""
+        so a graph serves one row. Adaptive exit through graphs is opt-in (cuda_graph=True) until it
+        has run on a GPU: so far it was tested on the CPU only, uncaptured (csrc/README.md)."""
         if self.cuda_graph is True and self.criterion != "none" and batch > 1:
             raise ValueError(f"cuda_graph=True with a criterion decodes one row (its tokens stop on their own), "
                              f"got a batch of {batch}")
         return self.cuda_graph is True or (self.cuda_graph == "auto" and self.graphable and device.type == "cuda"
-                                           and (self.criterion == "none" or batch == 1))
+                                           and self.criterion == "none")
 
 
 @dataclass
