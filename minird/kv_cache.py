@@ -118,13 +118,16 @@ class KVCache:
         last_step keys and values from core_entries ("latest entry"), for later tokens to read at
         those steps. last_step's own slot is written too: under compress-sN a later step may share it."""
         new = slice(self.seq_len, self.seq_len + n_new)
-        targets, sources = [], []
+        B, nh, _, hs = self.entries[self.slot(("core", last_step, 0))][0].shape
+        latest = {}  # slot -> (a key of it, the k and v written there last): under compress-sN steps share slots
         for j, (k, v) in enumerate(entries):
-            B, nh, _, hs = self.entries[self.slot(("core", last_step, j))][0].shape
             for step in range(last_step, num_steps):
-                k_buf, v_buf = self.buffers(("core", step, j), B, nh, hs, k.dtype, k.device)
-                targets += [k_buf[:, :, new], v_buf[:, :, new]]
-                sources += [k, v]
+                latest[self.slot(("core", step, j))] = (("core", step, j), k, v)
+        targets, sources = [], []
+        for key, k, v in latest.values():  # (one copy per slot: copies into one slot at once would race)
+            k_buf, v_buf = self.buffers(key, B, nh, hs, k.dtype, k.device)
+            targets += [k_buf[:, :, new], v_buf[:, :, new]]
+            sources += [k, v]
         if rows is None:  # one call for all (2 x steps x layers) copies: one token stops at ~a dozen
             torch._foreach_copy_(targets, sources)  # steps of 32, and each op costs the host ~10-40 us
             return
