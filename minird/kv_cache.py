@@ -112,6 +112,17 @@ class KVCache:
         return [tuple(t[which, :, new].clone() for t in self.entries[self.slot(("core", step, j))])
                 for j in range(self.n_core_layers)]
 
+    def repeated_slots(self, last_step, num_steps):
+        """[(a key of the slot, the core layer whose last_step entry ends up there)] for the slots
+        that steps last_step .. num_steps - 1 write, once each: under compress-sN steps share slots,
+        and the layer is the last one written there in step-after-step order (one copy per slot:
+        copies into one slot at once would race, and fewer copies are fewer launches)."""
+        latest = {}
+        for j in range(self.n_core_layers):
+            for step in range(last_step, num_steps):
+                latest[self.slot(("core", step, j))] = (("core", step, j), j)
+        return list(latest.values())
+
     def repeat_step(self, entries, last_step, num_steps, n_new, rows=None):
         """The n_new tokens being added, in rows ((B,) bool; None: every row), all stopped after
         last_step (adaptive exit): the core entries of the steps they did not run get entries, their
@@ -119,12 +130,9 @@ class KVCache:
         those steps. last_step's own slot is written too: under compress-sN a later step may share it."""
         new = slice(self.seq_len, self.seq_len + n_new)
         B, nh, _, hs = self.entries[self.slot(("core", last_step, 0))][0].shape
-        latest = {}  # slot -> (a key of it, the k and v written there last): under compress-sN steps share slots
-        for j, (k, v) in enumerate(entries):
-            for step in range(last_step, num_steps):
-                latest[self.slot(("core", step, j))] = (("core", step, j), k, v)
         targets, sources = [], []
-        for key, k, v in latest.values():  # (one copy per slot: copies into one slot at once would race)
+        for key, j in self.repeated_slots(last_step, num_steps):
+            k, v = entries[j]
             k_buf, v_buf = self.buffers(key, B, nh, hs, k.dtype, k.device)
             targets += [k_buf[:, :, new], v_buf[:, :, new]]
             sources += [k, v]
@@ -211,14 +219,14 @@ class DecodeView:
         """KVCache.repeat_step for the new tokens of every row, at their device positions: the
         core entries of steps last_step .. num_steps - 1 get last_step's keys and values there."""
         cache = self.cache
-        for j in range(cache.n_core_layers):
-            last = cache.entries[cache.slot(("core", last_step, j))]
-            B, nh, _, hs = last[0].shape
-            k, v = (t.index_select(2, self.positions) for t in last)  # copies, before any slot is written
-            for step in range(last_step, num_steps):
-                k_buf, v_buf = self.buffers(("core", step, j), B, nh, hs, k.dtype, k.device)
-                k_buf.index_copy_(2, self.positions, k)
-                v_buf.index_copy_(2, self.positions, v)
+        # copies of each layer's last_step keys and values, taken before any slot is written
+        entries = [[t.index_select(2, self.positions) for t in cache.entries[cache.slot(("core", last_step, j))]]
+                   for j in range(cache.n_core_layers)]
+        B, nh, _, hs = entries[0][0].shape
+        for key, j in cache.repeated_slots(last_step, num_steps):
+            k_buf, v_buf = self.buffers(key, B, nh, hs, entries[j][0].dtype, entries[j][0].device)
+            k_buf.index_copy_(2, self.positions, entries[j][0])
+            v_buf.index_copy_(2, self.positions, entries[j][1])
 
     def mask(self):
         """(B or 1, 1, T, max_len) bool: the keys each new token attends to (causal: up to its own
