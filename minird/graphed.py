@@ -33,28 +33,6 @@ import torch
 from minird.kv_cache import DecodeView
 
 
-class CapturedStep:
-    """A forward over static buffers (step(), in a subclass), recorded once in a CUDA graph on
-    CUDA and replayed; elsewhere step() runs as it is. inputs: the buffers step() reads and
-    changes, put back after the warm-up run."""
-
-    def __init__(self, model, kv_cache, num_steps, init_scale):
-        self.model = weakref.ref(model)  # minird.generate keeps graphs per model; no cycle keeps it alive
-        self.kv_cache = kv_cache
-        self.num_steps = num_steps
-        self.init_scale = init_scale
-        self.graph = None
-
-    def capture(self, inputs):
-        self.graph = record(self.step, inputs)
-
-    def replay(self):
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.step()
-
-
 def record(fn, inputs):
     """fn() recorded in a CUDA graph (returned, not run). One warm-up run first, on a side stream
     (as torch's docs ask), so that lazy set-up (cuBLAS handles, kernel attributes) is not recorded;
@@ -96,6 +74,8 @@ class DecodingPosition:
     (ids[:, p]: the token at p), and the host's copy of pos."""
 
     def __init__(self, model, kv_cache, batch):
+        self.model = weakref.ref(model)  # minird.generate keeps graphs per model; no cycle keeps it alive
+        self.kv_cache = kv_cache
         device, dtype = model.wte.weight.device, model.wte.weight.dtype
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position of the token fed next
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the token fed next
@@ -115,8 +95,8 @@ class DecodingPosition:
 
     def check_room(self, n):
         """ValueError unless n more tokens fit in the cache."""
-        if self.position + n > self.view.cache.max_len:
-            raise ValueError(f"{self.position + n} tokens do not fit a KV cache of {self.view.cache.max_len}")
+        if self.position + n > self.kv_cache.max_len:
+            raise ValueError(f"{self.position + n} tokens do not fit a KV cache of {self.kv_cache.max_len}")
 
     def written(self, n):
         """The tokens (B, n) that the last n tokens fed chose; the host's position moves past them."""
@@ -125,15 +105,15 @@ class DecodingPosition:
         return self.ids[:, first:first + n].clone()
 
 
-class TokenGraph(CapturedStep, DecodingPosition):
+class TokenGraph(DecodingPosition):
     """The forward of one new token per row at the device position pos, then argmax, for a model
     and a KVCache already holding the prompt. start() sets where decoding begins; run(n) replays n
     tokens (captured on CUDA, step by step elsewhere) and returns them."""
 
     def __init__(self, model, kv_cache, batch, num_steps, continuous_compute=False, init_scale=None):
-        CapturedStep.__init__(self, model, kv_cache, num_steps, init_scale)
-        DecodingPosition.__init__(self, model, kv_cache, batch)
-        self.continuous_compute = continuous_compute
+        super().__init__(model, kv_cache, batch)
+        self.num_steps, self.continuous_compute, self.init_scale = num_steps, continuous_compute, init_scale
+        self.token_forward = Replayed(self.step, (self.pos, self.token, self.state), self.pos.device)
 
     def step(self):
         """One token: its logits at num_steps, the argmax fed next and written to ids; pos + 1."""
@@ -154,10 +134,8 @@ class TokenGraph(CapturedStep, DecodingPosition):
     def run(self, n):
         """Feed n tokens, one after the other; returns the n tokens they chose (B, n)."""
         self.check_room(n)
-        if self.pos.is_cuda and self.graph is None and n > 0:
-            self.capture((self.pos, self.token, self.state))
         for _ in range(n):
-            self.replay()
+            self.token_forward.replay()
         return self.written(n)
 
     def fed_steps(self, position, n):
@@ -176,8 +154,6 @@ class AdaptiveTokenGraph(DecodingPosition):
 
     def __init__(self, model, kv_cache, config, exit_rule):
         super().__init__(model, kv_cache, 1)
-        self.model = weakref.ref(model)
-        self.kv_cache = kv_cache
         self.num_steps, self.min_steps = config.num_steps, config.min_steps
         self.continuous_compute, self.init_scale = config.continuous_compute, config.init_scale
         device = self.pos.device
@@ -251,20 +227,21 @@ class AdaptiveTokenGraph(DecodingPosition):
         return self.step_counts[:, position:position + n].clone()
 
 
-class VerifyGraph(CapturedStep):
+class VerifyGraph:
     """The forward of `width` new tokens per row at consecutive device positions, at num_steps
     (self-speculative decoding's verify: the last token and the drafts), writing the argmax of
     every position. run(tokens, position) feeds tokens (B, width) there and returns what each
     position's logits pick (B, width); the cache's seq_len is not moved."""
 
     def __init__(self, model, kv_cache, batch, num_steps, width, init_scale=None):
-        super().__init__(model, kv_cache, num_steps, init_scale)
+        self.model = weakref.ref(model)
+        self.kv_cache, self.num_steps, self.width, self.init_scale = kv_cache, num_steps, width, init_scale
         device = model.wte.weight.device
-        self.width = width
         self.positions = torch.zeros(width, dtype=torch.long, device=device)  # of the tokens fed
         self.tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.chosen = torch.zeros(batch, width, dtype=torch.long, device=device)  # the argmax at each
         self.view = DecodeView(kv_cache, self.positions)
+        self.forward = Replayed(self.step, (self.positions, self.tokens), device)
 
     def step(self):
         """The width tokens' logits at num_steps; their argmax to chosen. Moves no position."""
@@ -281,7 +258,5 @@ class VerifyGraph(CapturedStep):
             raise ValueError(f"{position + self.width} tokens do not fit a KV cache of {self.kv_cache.max_len}")
         self.tokens.copy_(tokens)
         torch.arange(position, position + self.width, out=self.positions)
-        if self.positions.is_cuda and self.graph is None:
-            self.capture((self.positions, self.tokens))
-        self.replay()
+        self.forward.replay()
         return self.chosen.clone()
