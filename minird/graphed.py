@@ -53,18 +53,25 @@ def record(fn, inputs):
 
 
 class Replayed:
-    """fn() as a CUDA graph on CUDA, recorded at the first replay() (record(fn, inputs)) and
-    replayed after; elsewhere replay() runs fn() as it is."""
+    """owner.method(*args) as a CUDA graph on CUDA, recorded at the first replay() (record(...,
+    inputs)) and replayed after; elsewhere replay() runs it as it is. The owner (the graph object
+    whose attribute this is) is held weakly: a strong reference would be a cycle, and a dropped
+    graph's KV cache, gigabytes at Huginn's size, would then wait for the garbage collector
+    instead of being freed before generate allocates the next one."""
 
-    def __init__(self, fn, inputs, device):
-        self.fn, self.inputs, self.on_cuda = fn, inputs, device.type == "cuda"
+    def __init__(self, owner, method, device, inputs=(), args=()):
+        self.owner, self.method, self.args = weakref.ref(owner), method, args
+        self.inputs, self.on_cuda = inputs, device.type == "cuda"
         self.graph = None
+
+    def run(self):
+        getattr(self.owner(), self.method)(*self.args)
 
     def replay(self):
         if not self.on_cuda:
-            return self.fn()
+            return self.run()
         if self.graph is None:
-            self.graph = record(self.fn, self.inputs)
+            self.graph = record(self.run, self.inputs)
         self.graph.replay()
 
 
@@ -113,7 +120,7 @@ class TokenGraph(DecodingPosition):
     def __init__(self, model, kv_cache, batch, num_steps, continuous_compute=False, init_scale=None):
         super().__init__(model, kv_cache, batch)
         self.num_steps, self.continuous_compute, self.init_scale = num_steps, continuous_compute, init_scale
-        self.token_forward = Replayed(self.step, (self.pos, self.token, self.state), self.pos.device)
+        self.token_forward = Replayed(self, "step", self.pos.device, (self.pos, self.token, self.state))
 
     def step(self):
         """One token: its logits at num_steps, the argmax fed next and written to ids; pos + 1."""
@@ -168,11 +175,10 @@ class AdaptiveTokenGraph(DecodingPosition):
         self.stopped = torch.zeros(1, 1, dtype=torch.bool, device=device)
         rule = self.exit_rule = exit_rule  # a generate.ExitCriterion of shape (1, 1): its state changes in place
         changed = (self.s, self.used, self.stopped, rule.log_p, rule.top, rule.same_top)
-        self.begin = Replayed(self.embed, (self.pos, self.token, self.state), device)
-        self.steps = [Replayed(lambda i=i: self.core_step(i), changed, device) for i in range(self.num_steps)]
-        self.repeats = [Replayed(lambda i=i: self.view.repeat_step(i, self.num_steps), (), device)
-                        for i in range(self.num_steps - 1)]
-        self.finish = Replayed(self.readout, (self.pos, self.token, self.state), device)
+        self.begin = Replayed(self, "embed", device, (self.pos, self.token, self.state))
+        self.steps = [Replayed(self, "core_step", device, changed, (i,)) for i in range(self.num_steps)]
+        self.repeats = [Replayed(self, "repeat_step", device, args=(i,)) for i in range(self.num_steps - 1)]
+        self.finish = Replayed(self, "readout", device, (self.pos, self.token, self.state))
 
     def embed(self):
         """The token's RoPE angles, mask, prelude output e and s0; the criterion back to step 0."""
@@ -195,6 +201,11 @@ class AdaptiveTokenGraph(DecodingPosition):
         self.used.copy_(torch.where(newly, i + 1, self.used))
         self.stopped |= newly
         self.s.copy_(s)
+
+    def repeat_step(self, last_step):
+        """The token stopped after step last_step (0-based): the core entries of the steps it did
+        not run get that step's keys and values at its position."""
+        self.view.repeat_step(last_step, self.num_steps)
 
     def readout(self):
         """The logits of the final state, the argmax fed next and written to ids; pos + 1."""
@@ -241,7 +252,7 @@ class VerifyGraph:
         self.tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.chosen = torch.zeros(batch, width, dtype=torch.long, device=device)  # the argmax at each
         self.view = DecodeView(kv_cache, self.positions)
-        self.forward = Replayed(self.step, (self.positions, self.tokens), device)
+        self.forward = Replayed(self, "step", device, (self.positions, self.tokens))
 
     def step(self):
         """The width tokens' logits at num_steps; their argmax to chosen. Moves no position."""

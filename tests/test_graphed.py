@@ -3,6 +3,9 @@ tokens of the plain loop for every option it serves, on the CPU (the static-posi
 uncaptured) and on CUDA (captured, replayed); the graph is kept for the next call of the same
 shape and follows weights changed in place; options it cannot serve are refused in one line."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -113,6 +116,24 @@ def test_graph_is_kept_for_the_same_shape(tiny_config, device):
     assert GRAPHS[model][1] is kept
     generate(model, a, 8, num_steps=4, cuda_graph=True)
     assert GRAPHS[model][1] is not kept and len([m for m in GRAPHS if m is model]) == 1
+
+
+@pytest.mark.parametrize("options", [dict(), dict(criterion="kl"), dict(draft_steps=2)], ids=["fixed", "adaptive", "drafts"])
+def test_a_replaced_graph_frees_its_cache_at_once(tiny_config, options):
+    """When the shape changes, the graph kept before is freed with its KV cache as soon as it is
+    dropped, not at the garbage collector's next pass: at Huginn's size a cache is gigabytes, and
+    the new one is allocated next. (No graph holds itself in a reference cycle.)"""
+    tiny_config.init_scale = 0.0
+    model = make_model(tiny_config).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 5))
+    gc.disable()
+    try:
+        generate(model, prompt, 6, num_steps=3, cuda_graph=True, **options)
+        dropped = [weakref.ref(graph.kv_cache) for graph in GRAPHS[model][1]]
+        generate(model, prompt, 6, num_steps=4, cuda_graph=True, **options)
+        assert [cache() for cache in dropped] == [None] * len(dropped)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("device,use_kernels", BACKENDS)
