@@ -55,7 +55,7 @@ def decode_token_by_token(model, x, cap, criterion, continuous_compute=False, th
     (kvshare passes compress-sN ones and reads their size after); default a full one. Returns
     logits (B, T, vocab) and steps used (B, T)."""
     if kv_cache is None:
-        kv_cache = KVCache(x.size(1), "full", model.config.n_layers_in_recurrent_block)
+        kv_cache = KVCache(x.size(1), "full", model.config.n_layers_in_recurrent_block, cap)
     s, logits, steps = None, [], []
     for t in range(x.size(1)):
         token_logits, used, s = feed(model, x[:, t:t + 1], kv_cache, cap, criterion, threshold,

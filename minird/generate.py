@@ -390,8 +390,8 @@ def until_all_stopped(new_ids, done, stop_tokens):
 
 
 def new_cache(model, length, config):
-    """A KVCache of length positions, with config's cache_lookup_strategy."""
-    return KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block)
+    """A KVCache of length positions, with config's cache_lookup_strategy, for up to num_steps."""
+    return KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block, config.num_steps)
 
 
 def decode_plainly(model, idx, length, config, attention_mask):

@@ -60,15 +60,23 @@ class KVCache:
     (i * R + j) mod N. With N = R a token at step i reads, from each earlier token, the keys of
     the last step that token ran (the paper's KV-cache sharing: memory no longer grows with r).
     Under adaptive exit a token that stopped after step i leaves, for the steps it skipped, copies
-    of its step-i entries ("latest entry": repeat_step), which is the official "latest-m4"."""
+    of its step-i entries ("latest entry": repeat_step), which is the official "latest-m4".
+
+    num_steps (generate: its num_steps, the most steps a token runs): under "full", the core
+    entries of steps 0 .. num_steps - 1 are allocated together, as views of one tensor `core`
+    (2, num_steps, R, B, nh, max_len, hs), so that the copies of a stopped token's last step into
+    the steps it skipped are one copy instead of two per (step, layer): ~150 a token at r = 32,
+    each a kernel in a CUDA graph. Without it (or for a step past it) each entry is its own."""
 
     position_on_device = False  # the next token's position is seq_len, a host int (DecodeView: a tensor)
 
-    def __init__(self, max_len, lookup_strategy="full", n_core_layers=1):
+    def __init__(self, max_len, lookup_strategy="full", n_core_layers=1, num_steps=None):
         self.max_len = max_len
         self.num_slots = parse_lookup_strategy(lookup_strategy)
         self.n_core_layers = n_core_layers
+        self.num_steps = num_steps if self.num_slots is None else None  # (compress-sN: few slots, no need)
         self.entries = {}
+        self.core = None  # with num_steps: (2, num_steps, R, B, nh, max_len, hs), the core entries' storage
         self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
         self.embeddings = None  # (B, max_len, h) token embeddings, for token_shift
         self.tokens = None  # (B, max_len) bool, False at left padding; None while there is none
@@ -85,9 +93,22 @@ class KVCache:
         key = self.slot(key)
         if key not in self.entries:
             shape = (batch, n_head, self.max_len, head_dim)
-            self.entries[key] = (torch.zeros(shape, dtype=dtype, device=device),
-                                 torch.zeros(shape, dtype=dtype, device=device))
+            if key[0] == "core" and self.num_steps is not None and key[1] < self.num_steps:
+                self.core = torch.zeros((2, self.num_steps, self.n_core_layers, *shape), dtype=dtype, device=device)
+                for step in range(self.num_steps):
+                    for j in range(self.n_core_layers):
+                        self.entries[("core", step, j)] = (self.core[0, step, j], self.core[1, step, j])
+            else:
+                self.entries[key] = (torch.zeros(shape, dtype=dtype, device=device),
+                                     torch.zeros(shape, dtype=dtype, device=device))
         return self.entries[key]
+
+    def core_steps(self, first, end):
+        """The keys and values of core steps first .. end - 1 as one view (2, end - first, R, B,
+        nh, max_len, hs) of `core`, or None where they are not all stored there."""
+        if self.core is None or end > self.num_steps:
+            return None
+        return self.core[:, first:end]
 
     def check_room(self, n_new):
         """ValueError unless n_new more tokens fit in max_len."""
@@ -118,8 +139,8 @@ class KVCache:
         and the layer is the last one written there in step-after-step order (one copy per slot:
         copies into one slot at once would race, and fewer copies are fewer launches)."""
         latest = {}
-        for j in range(self.n_core_layers):
-            for step in range(last_step, num_steps):
+        for step in range(last_step, num_steps):
+            for j in range(self.n_core_layers):
                 latest[self.slot(("core", step, j))] = (("core", step, j), j)
         return list(latest.values())
 
@@ -129,6 +150,10 @@ class KVCache:
         last_step keys and values from core_entries ("latest entry"), for later tokens to read at
         those steps. last_step's own slot is written too: under compress-sN a later step may share it."""
         new = slice(self.seq_len, self.seq_len + n_new)
+        skipped = self.core_steps(last_step + 1, num_steps)
+        if rows is None and skipped is not None:  # (full: no later step of this forward wrote last_step's entries)
+            skipped[..., new, :] = self.core[:, last_step:last_step + 1, ..., new, :]
+            return
         B, nh, _, hs = self.entries[self.slot(("core", last_step, 0))][0].shape
         targets, sources = [], []
         for key, j in self.repeated_slots(last_step, num_steps):
@@ -219,6 +244,11 @@ class DecodeView:
         """KVCache.repeat_step for the new tokens of every row, at their device positions: the
         core entries of steps last_step .. num_steps - 1 get last_step's keys and values there."""
         cache = self.cache
+        skipped = cache.core_steps(last_step + 1, num_steps)  # (2, steps, R, B, nh, max_len, hs)
+        if skipped is not None:  # one read of last_step's entries and one write into all of those steps
+            last = cache.core[:, last_step:last_step + 1].index_select(5, self.positions)
+            skipped.index_copy_(5, self.positions, last.expand(-1, skipped.size(1), -1, -1, -1, -1, -1))
+            return
         # copies of each layer's last_step keys and values, taken before any slot is written
         entries = [[t.index_select(2, self.positions) for t in cache.entries[cache.slot(("core", last_step, j))]]
                    for j in range(cache.n_core_layers)]

@@ -7,7 +7,7 @@ import torch
 from helpers import make_model
 from minird import ops
 from minird.generate import GenerationConfig, feed, generate, left_pad
-from minird.kv_cache import KVCache, kv_cache_bytes
+from minird.kv_cache import DecodeView, KVCache, kv_cache_bytes
 
 
 def ids_and_steps(*args, **kwargs):
@@ -84,6 +84,39 @@ def test_kv_cache_sharing(tiny_config):
         shared, _, _ = feed(model, next_id, caches[f"compress-s{R}"], r)
         expected, _, _ = feed(model, next_id, full_cache, r)
     torch.testing.assert_close(shared, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy,R,num_steps", [("full", 2, None), ("full", 2, 5), ("compress-s2", 2, 5),
+                                                   ("compress-s3", 4, 5)])
+@pytest.mark.parametrize("how", ["every row", "some rows", "device position"])
+def test_repeat_step_is_the_skipped_steps_run_on_the_last_entries(strategy, R, num_steps, how):
+    """A token that stopped after step 1 of 5 leaves, in every slot that steps 1 .. 4 write, what
+    those steps would have left had each (step, layer), in order, stored its layer's step-1 keys
+    and values: at the token's position and in its rows only. The same for the one-copy-per-slot
+    path, for a cache that stores the steps together (num_steps), and at a device position."""
+    torch.manual_seed(0)
+    S, last, B, pos = 5, 1, 3, 4
+    cache = KVCache(6, strategy, R, num_steps)
+    for step in range(S):
+        for j in range(R):
+            for t in cache.buffers(("core", step, j), B, 2, 4, torch.float32, "cpu"):
+                t.copy_(torch.randn_like(t))
+    expected = {key: tuple(t.clone() for t in kv) for key, kv in cache.entries.items()}
+    rows = torch.tensor([True, False, True]) if how == "some rows" else None
+    which = torch.ones(B, dtype=torch.bool) if rows is None else rows
+    last_entries = [[t[:, :, pos:pos + 1].clone() for t in cache.entries[cache.slot(("core", last, j))]]
+                    for j in range(R)]
+    for step in range(last, S):
+        for j in range(R):
+            for t, entry in zip(expected[cache.slot(("core", step, j))], last_entries[j]):
+                t[which, :, pos:pos + 1] = entry[which]
+    if how == "device position":
+        DecodeView(cache, torch.tensor([pos])).repeat_step(last, S)
+    else:
+        cache.seq_len = pos
+        cache.repeat_step(cache.core_entries(last, 1, rows), last, S, 1, rows)
+    assert cache.entries.keys() == expected.keys()
+    assert all(torch.equal(cache.entries[key][i], expected[key][i]) for key in expected for i in (0, 1))
 
 
 @pytest.mark.parametrize("strategy", ["compress-s0", "compress-4", "compress-s", "skip", "always-last-m4",
