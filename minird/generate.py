@@ -277,8 +277,8 @@ class GenerationConfig:
     def graphed_on(self, device, batch):
         """Whether generate replays tokens from CUDA graphs on device (the CPU only if required), for
         a batch of that many rows: under adaptive exit the rows of a batch stop at different steps,
-        so a graph serves one row. Adaptive exit through graphs is opt-in (cuda_graph=True) until it
-        has run on a GPU: so far it was tested on the CPU only, uncaptured (csrc/README.md)."""
+        so a graph serves one row. Adaptive exit through graphs is opt-in (cuda_graph=True) until its
+        CUDA tests have all run and it has been timed on a GPU (csrc/README.md: two cases so far)."""
         if self.cuda_graph is True and self.criterion != "none" and batch > 1:
             raise ValueError(f"cuda_graph=True with a criterion decodes one row (its tokens stop on their own), "
                              f"got a batch of {batch}")

@@ -56,7 +56,9 @@ def test_graphed_adaptive_exit_is_the_plain_loop(tiny_config, device, use_kernel
         graphed = generate(model, prompt, new_tokens, cuda_graph=True, **kwargs)
         assert torch.equal(graphed.ids, plain.ids) and torch.equal(graphed.steps, plain.steps)
     assert plain.ids.size(1) == tiny_config.block_size
-    assert len(set(plain.steps[0, 6:].tolist())) > 1  # the tokens stopped at different steps
+    # tokens stopped before the cap, so the copies into the steps not run were replayed too (on the
+    # CPU they stop at several different steps; kl on the H100's kernels stopped every one at 3)
+    assert (plain.steps[0, 6:] < 8).any()
 
 
 @pytest.mark.parametrize("device,use_kernels", BACKENDS)
