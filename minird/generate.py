@@ -87,8 +87,9 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
     run repeat each token's last ones ("latest entry"), for later tokens to read -- whether or
     not other rows go on, so a row gets what it would get alone. The loop ends when every token
     has stopped. (The official code's prefill stops all tokens of a prompt together, on the last
-    token's criterion: for one-token forwards the two agree, tests/test_pretrained.py.) tokens (B, T) bool: False at left padding, which never runs. s0: the initial
-    state (default: a fresh one at init_scale, as model.iterate).
+    token's criterion: for one-token forwards the two agree, tests/test_pretrained.py.)
+    tokens (B, T) bool: False at left padding, which never runs. s0: the initial state (default:
+    a fresh one at init_scale, as model.iterate).
     Returns the final state (B, T, h) and the steps each token used (B, T), 0 for padding."""
     B, T, _ = e.shape
     s = model.initialize_state(e, init_scale) if s0 is None else s0

@@ -120,7 +120,8 @@ def test_graph_is_kept_for_the_same_shape(tiny_config, device):
     assert GRAPHS[model][1] is not kept and len([m for m in GRAPHS if m is model]) == 1
 
 
-@pytest.mark.parametrize("options", [dict(), dict(criterion="kl"), dict(draft_steps=2)], ids=["fixed", "adaptive", "drafts"])
+@pytest.mark.parametrize("options", [dict(), dict(criterion="kl"), dict(draft_steps=2)],
+                         ids=["fixed", "adaptive", "drafts"])
 def test_a_replaced_graph_frees_its_cache_at_once(tiny_config, options):
     """When the shape changes, the graph kept before is freed with its KV cache as soon as it is
     dropped, not at the garbage collector's next pass: at Huginn's size a cache is gigabytes, and
