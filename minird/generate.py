@@ -115,9 +115,10 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
         # the one wait for the device a step: whether rows stopped now, all of them, and all so far
         some_now, all_now, all_done = torch.stack([rows.any(), rows.all(), rows_done.all()]).tolist()
         if kv_cache is not None and some_now and step + 1 < num_steps:
-            # copied now: the steps that go on for other rows overwrite these rows' entries
+            # copied now: the steps that go on for other rows overwrite these rows' entries (when
+            # every row stops here no step follows, and repeat_step reads them from the cache)
             rows_now = None if all_now else rows  # None: every row (one row alone, always)
-            repeats.append((step, rows_now, kv_cache.core_entries(step, T, rows_now)))
+            repeats.append((step, rows_now, None if all_now else kv_cache.core_entries(step, T, rows_now)))
         if all_done:
             break
     for step, rows, entries in repeats:

@@ -147,13 +147,18 @@ class KVCache:
     def repeat_step(self, entries, last_step, num_steps, n_new, rows=None):
         """The n_new tokens being added, in rows ((B,) bool; None: every row), all stopped after
         last_step (adaptive exit): the core entries of the steps they did not run get entries, their
-        last_step keys and values from core_entries ("latest entry"), for later tokens to read at
-        those steps. last_step's own slot is written too: under compress-sN a later step may share it."""
+        last_step keys and values ("latest entry"), for later tokens to read at those steps.
+        entries: those keys and values, copied by core_entries when the rows stopped (other rows'
+        later steps may have written over them since); None when every row stopped at last_step
+        and no step ran after it: they are read from the cache. last_step's own slot is written
+        too: under compress-sN a later step may share it."""
         new = slice(self.seq_len, self.seq_len + n_new)
-        skipped = self.core_steps(last_step + 1, num_steps)
-        if rows is None and skipped is not None:  # (full: no later step of this forward wrote last_step's entries)
-            skipped[..., new, :] = self.core[:, last_step:last_step + 1, ..., new, :]
+        steps = self.core_steps(last_step, num_steps)  # (2, num_steps - last_step, R, B, nh, max_len, hs)
+        if entries is None and steps is not None:  # one copy from last_step into all the later steps
+            steps[:, 1:, ..., new, :] = steps[:, :1, ..., new, :]
             return
+        if entries is None:
+            entries = self.core_entries(last_step, n_new)
         B, nh, _, hs = self.entries[self.slot(("core", last_step, 0))][0].shape
         targets, sources = [], []
         for key, j in self.repeated_slots(last_step, num_steps):
@@ -244,10 +249,10 @@ class DecodeView:
         """KVCache.repeat_step for the new tokens of every row, at their device positions: the
         core entries of steps last_step .. num_steps - 1 get last_step's keys and values there."""
         cache = self.cache
-        skipped = cache.core_steps(last_step + 1, num_steps)  # (2, steps, R, B, nh, max_len, hs)
-        if skipped is not None:  # one read of last_step's entries and one write into all of those steps
-            last = cache.core[:, last_step:last_step + 1].index_select(5, self.positions)
-            skipped.index_copy_(5, self.positions, last.expand(-1, skipped.size(1), -1, -1, -1, -1, -1))
+        steps = cache.core_steps(last_step, num_steps)  # (2, num_steps - last_step, R, B, nh, max_len, hs)
+        if steps is not None:  # one read of last_step's entries and one write into all the later steps
+            last = steps[:, :1].index_select(5, self.positions)
+            steps[:, 1:].index_copy_(5, self.positions, last.expand(-1, steps.size(1) - 1, -1, -1, -1, -1, -1))
             return
         # copies of each layer's last_step keys and values, taken before any slot is written
         entries = [[t.index_select(2, self.positions) for t in cache.entries[cache.slot(("core", last_step, j))]]
