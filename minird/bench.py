@@ -148,7 +148,7 @@ def decode_cache(model, device):
     buffers, its value buffers), the buffers in the order decode_steps takes them. Every timed
     call writes the new token at position CACHE (the same place each time: the cache does not grow
     while the step is repeated)."""
-    cache = KVCache(CACHE + 1, n_core_layers=R)
+    cache = KVCache(CACHE + 1, n_core_layers=R, num_steps=STEPS)
     feed(model, torch.randint(0, 256, (1, CACHE), device=device), cache, STEPS)
     keys = [("core", step, j) for step in range(STEPS) for j in range(R)]
     return cache, [cache.entries[key][0] for key in keys], [cache.entries[key][1] for key in keys]

@@ -115,14 +115,14 @@ def iterate_adaptive(model, e, num_steps, cos, sin, exit_rule, min_steps=1, kv_c
         # the one wait for the device a step: whether rows stopped now, all of them, and all so far
         some_now, all_now, all_done = torch.stack([rows.any(), rows.all(), rows_done.all()]).tolist()
         if kv_cache is not None and some_now and step + 1 < num_steps:
-            # copied now: the steps that go on for other rows overwrite these rows' entries (when
-            # every row stops here no step follows, and repeat_step reads them from the cache)
-            rows_now = None if all_now else rows  # None: every row (one row alone, always)
-            repeats.append((step, rows_now, None if all_now else kv_cache.core_entries(step, T, rows_now)))
+            # these rows' entries are copied now: the steps that go on for other rows overwrite
+            # them. When every row (one row alone: always) stops here, no step follows, and
+            # repeat_step reads them from the cache.
+            repeats.append((step, None, None) if all_now else (step, rows, kv_cache.core_entries(step, T, rows)))
         if all_done:
             break
     for step, rows, entries in repeats:
-        kv_cache.repeat_step(entries, step, num_steps, T, rows)
+        kv_cache.repeat_step(step, num_steps, T, rows, entries)
     return s, used
 
 
@@ -392,8 +392,10 @@ def until_all_stopped(new_ids, done, stop_tokens):
 
 
 def new_cache(model, length, config):
-    """A KVCache of length positions, with config's cache_lookup_strategy, for up to num_steps."""
-    return KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block, config.num_steps)
+    """A KVCache of length positions, with config's cache_lookup_strategy, for the most steps a
+    token runs: num_steps (diffusion forcing: inner_recurrence a round, if that is more)."""
+    steps = max(config.num_steps, config.inner_recurrence) if config.diffusion_forcing else config.num_steps
+    return KVCache(length, config.cache_lookup_strategy, model.config.n_layers_in_recurrent_block, steps)
 
 
 def decode_plainly(model, idx, length, config, attention_mask):

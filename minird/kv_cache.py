@@ -62,11 +62,12 @@ class KVCache:
     Under adaptive exit a token that stopped after step i leaves, for the steps it skipped, copies
     of its step-i entries ("latest entry": repeat_step), which is the official "latest-m4".
 
-    num_steps (generate: its num_steps, the most steps a token runs): under "full", the core
-    entries of steps 0 .. num_steps - 1 are allocated together, as views of one tensor `core`
-    (2, num_steps, R, B, nh, max_len, hs), so that the copies of a stopped token's last step into
-    the steps it skipped are one copy instead of two per (step, layer): ~150 a token at r = 32,
-    each a kernel in a CUDA graph. Without it (or for a step past it) each entry is its own."""
+    The core entries are slots of one tensor `core` (2, slots, B, nh, max_len, hs), allocated
+    together at the first core write: a stopped token's copies into the steps it skipped are then
+    one gather and one scatter over the slot dimension, instead of two copies per (step, layer)
+    (~150 a token at r = 32, each a kernel in a CUDA graph). So the slots are counted up front:
+    num_steps (generate: its num_steps, the most steps a token runs) is needed under "full"
+    (R * num_steps slots); under "compress-sN" there are N (fewer if R * num_steps is less)."""
 
     position_on_device = False  # the next token's position is seq_len, a host int (DecodeView: a tensor)
 
@@ -74,41 +75,56 @@ class KVCache:
         self.max_len = max_len
         self.num_slots = parse_lookup_strategy(lookup_strategy)
         self.n_core_layers = n_core_layers
-        self.num_steps = num_steps if self.num_slots is None else None  # (compress-sN: few slots, no need)
+        self.num_steps = num_steps
+        pairs = None if num_steps is None else n_core_layers * num_steps
+        self.n_core_slots = pairs if self.num_slots is None else min(self.num_slots, pairs or self.num_slots)
         self.entries = {}
-        self.core = None  # with num_steps: (2, num_steps, R, B, nh, max_len, hs), the core entries' storage
+        self.core = None  # (2, n_core_slots, B, nh, max_len, hs): every core entry's keys and values
+        self.indices = {}  # slot numbers as device index tensors, made once (see slot_index)
         self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
         self.embeddings = None  # (B, max_len, h) token embeddings, for token_shift
         self.tokens = None  # (B, max_len) bool, False at left padding; None while there is none
 
+    def core_slot(self, step, j):
+        """The slot of core that step / core layer j store their keys and values in."""
+        if self.num_steps is not None and step >= self.num_steps:
+            raise ValueError(f"core step {step} is past this KV cache's num_steps = {self.num_steps}")
+        if self.n_core_slots is None:
+            raise ValueError("a 'full' KVCache needs num_steps (the most steps a token runs) to hold core "
+                             "entries: KVCache(max_len, 'full', n_core_layers, num_steps)")
+        return (step * self.n_core_layers + j) % self.n_core_slots
+
     def slot(self, key):
-        """The entry that key is stored in: itself, or its shared core slot under compress-sN."""
-        if self.num_slots is None or key[0] != "core":
+        """The key of the entry that key is stored in: itself, or its shared core slot under compress-sN."""
+        if key[0] != "core":
             return key
-        _, step, j = key
-        return ("core", (step * self.n_core_layers + j) % self.num_slots)
+        i = self.core_slot(*key[1:])  # (an error past num_steps, or without it under full)
+        return key if self.num_slots is None else ("core", i)
 
     def buffers(self, key, batch, n_head, head_dim, dtype, device):
         """The (k, v) buffers (B, nh, max_len, hs) of key's entry, allocated (zeros) on first use."""
         key = self.slot(key)
         if key not in self.entries:
             shape = (batch, n_head, self.max_len, head_dim)
-            if key[0] == "core" and self.num_steps is not None and key[1] < self.num_steps:
-                self.core = torch.zeros((2, self.num_steps, self.n_core_layers, *shape), dtype=dtype, device=device)
-                for step in range(self.num_steps):
-                    for j in range(self.n_core_layers):
-                        self.entries[("core", step, j)] = (self.core[0, step, j], self.core[1, step, j])
+            if key[0] == "core":
+                self.core = torch.zeros((2, self.n_core_slots, *shape), dtype=dtype, device=device)
+                if self.num_slots is None:  # slot step * R + j
+                    keys = [("core", step, j) for step in range(self.num_steps) for j in range(self.n_core_layers)]
+                else:
+                    keys = [("core", i) for i in range(self.n_core_slots)]
+                for i, core_key in enumerate(keys):
+                    self.entries[core_key] = (self.core[0, i], self.core[1, i])
             else:
                 self.entries[key] = (torch.zeros(shape, dtype=dtype, device=device),
                                      torch.zeros(shape, dtype=dtype, device=device))
         return self.entries[key]
 
-    def core_steps(self, first, end):
-        """The keys and values of core steps first .. end - 1 as one view (2, end - first, R, B,
-        nh, max_len, hs) of `core`, or None where they are not all stored there."""
-        if self.core is None or end > self.num_steps:
-            return None
-        return self.core[:, first:end]
+    def slot_index(self, slots):
+        """slots (a tuple of slot numbers) as an index tensor on core's device, made once: a CUDA
+        graph cannot record the copy from the host that makes it (its warm-up run makes it)."""
+        if slots not in self.indices:
+            self.indices[slots] = torch.tensor(slots, dtype=torch.long, device=self.core.device)
+        return self.indices[slots]
 
     def check_room(self, n_new):
         """ValueError unless n_new more tokens fit in max_len."""
@@ -127,51 +143,43 @@ class KVCache:
 
     def core_entries(self, step, n_new, rows=None):
         """Copies of the core keys and values that the n_new tokens being added wrote at step, in
-        rows ((B,) bool; None: every row): one (k, v) per core layer, each (rows, nh, n_new, hs)."""
-        new = slice(self.seq_len, self.seq_len + n_new)
-        which = slice(None) if rows is None else rows
-        return [tuple(t[which, :, new].clone() for t in self.entries[self.slot(("core", step, j))])
-                for j in range(self.n_core_layers)]
+        rows ((B,) bool; None: every row): (2, R, rows, nh, n_new, hs), core layer by core layer."""
+        layers = self.slot_index(tuple(self.core_slot(step, j) for j in range(self.n_core_layers)))
+        entries = self.core[:, layers, :, :, self.seq_len:self.seq_len + n_new]  # (indexing copies)
+        return entries if rows is None else entries[:, :, rows]
 
     def repeated_slots(self, last_step, num_steps):
-        """[(a key of the slot, the core layer whose last_step entry ends up there)] for the slots
-        that steps last_step .. num_steps - 1 write, once each: under compress-sN steps share slots,
-        and the layer is the last one written there in step-after-step order (one copy per slot:
-        copies into one slot at once would race, and fewer copies are fewer launches)."""
+        """[(a slot, the core layer whose last_step entry ends up there)] for the slots that steps
+        last_step .. num_steps - 1 write, once each: under compress-sN steps share slots, and the
+        layer is the last one written there in step-after-step order (one write per slot: the
+        scatter of repeat_step writes each slot once)."""
         latest = {}
         for step in range(last_step, num_steps):
             for j in range(self.n_core_layers):
-                latest[self.slot(("core", step, j))] = (("core", step, j), j)
-        return list(latest.values())
+                latest[self.core_slot(step, j)] = j
+        return list(latest.items())
 
-    def repeat_step(self, entries, last_step, num_steps, n_new, rows=None):
-        """The n_new tokens being added, in rows ((B,) bool; None: every row), all stopped after
-        last_step (adaptive exit): the core entries of the steps they did not run get entries, their
-        last_step keys and values ("latest entry"), for later tokens to read at those steps.
-        entries: those keys and values, copied by core_entries when the rows stopped (other rows'
-        later steps may have written over them since); None when every row stopped at last_step
-        and no step ran after it: they are read from the cache. last_step's own slot is written
-        too: under compress-sN a later step may share it."""
+    def repeat_plan(self, last_step, num_steps):
+        """repeated_slots as index tensors: (the slots written, the core layer each takes, the slot
+        that layer's last_step entry is in)."""
+        targets, layers = zip(*self.repeated_slots(last_step, num_steps))
+        sources = tuple(self.core_slot(last_step, j) for j in layers)
+        return self.slot_index(targets), self.slot_index(layers), self.slot_index(sources)
+
+    def repeat_step(self, last_step, num_steps, n_new, rows=None, entries=None):
+        """The n_new tokens being added, in rows ((B,) bool), all stopped after last_step (adaptive
+        exit): the core entries of the steps they did not run get their last_step keys and values
+        ("latest entry"), for later tokens to read at those steps. entries: those keys and values,
+        copied by core_entries when the rows stopped (other rows' later steps may have written over
+        them since). rows None: every row stopped at last_step and no step ran after it, so they
+        are read from the cache. last_step's own slot is written too: under compress-sN a later
+        step may share it."""
         new = slice(self.seq_len, self.seq_len + n_new)
-        steps = self.core_steps(last_step, num_steps)  # (2, num_steps - last_step, R, B, nh, max_len, hs)
-        if entries is None and steps is not None:  # one copy from last_step into all the later steps
-            steps[:, 1:, ..., new, :] = steps[:, :1, ..., new, :]
-            return
-        if entries is None:
-            entries = self.core_entries(last_step, n_new)
-        B, nh, _, hs = self.entries[self.slot(("core", last_step, 0))][0].shape
-        targets, sources = [], []
-        for key, j in self.repeated_slots(last_step, num_steps):
-            k, v = entries[j]
-            k_buf, v_buf = self.buffers(key, B, nh, hs, k.dtype, k.device)
-            targets += [k_buf[:, :, new], v_buf[:, :, new]]
-            sources += [k, v]
-        if rows is None:  # one call for all (2 x steps x layers) copies: one token stops at ~a dozen
-            torch._foreach_copy_(targets, sources)  # steps of 32, and each op costs the host ~10-40 us
-            return
-        row_index = rows.nonzero().squeeze(1)
-        for target, source in zip(targets, sources):
-            target.index_copy_(0, row_index, source)
+        targets, layers, sources = self.repeat_plan(last_step, num_steps)
+        if rows is None:  # one gather of the sources (a copy: a slot both read and written is safe)
+            self.core[:, targets, :, :, new] = self.core[:, sources, :, :, new]
+        else:
+            self.core[:, targets[:, None], rows.nonzero()[:, 0], :, new] = entries[:, layers]
 
     def add_tokens(self, attention_mask, n_new):
         """Record which of the n_new tokens being added are tokens and which left padding
@@ -248,20 +256,10 @@ class DecodeView:
     def repeat_step(self, last_step, num_steps):
         """KVCache.repeat_step for the new tokens of every row, at their device positions: the
         core entries of steps last_step .. num_steps - 1 get last_step's keys and values there."""
-        cache = self.cache
-        steps = cache.core_steps(last_step, num_steps)  # (2, num_steps - last_step, R, B, nh, max_len, hs)
-        if steps is not None:  # one read of last_step's entries and one write into all the later steps
-            last = steps[:, :1].index_select(5, self.positions)
-            steps[:, 1:].index_copy_(5, self.positions, last.expand(-1, steps.size(1) - 1, -1, -1, -1, -1, -1))
-            return
-        # copies of each layer's last_step keys and values, taken before any slot is written
-        entries = [[t.index_select(2, self.positions) for t in cache.entries[cache.slot(("core", last_step, j))]]
-                   for j in range(cache.n_core_layers)]
-        B, nh, _, hs = entries[0][0].shape
-        for key, j in cache.repeated_slots(last_step, num_steps):
-            k_buf, v_buf = self.buffers(key, B, nh, hs, entries[j][0].dtype, entries[j][0].device)
-            k_buf.index_copy_(2, self.positions, entries[j][0])
-            v_buf.index_copy_(2, self.positions, entries[j][1])
+        core = self.cache.core
+        targets, _, sources = self.cache.repeat_plan(last_step, num_steps)
+        at = self.positions[None, :]  # with the slots: (slots, T, 2, B, nh, hs) of core's entries
+        core[:, targets[:, None], :, :, at] = core[:, sources[:, None], :, :, at]
 
     def mask(self):
         """(B or 1, 1, T, max_len) bool: the keys each new token attends to (causal: up to its own

@@ -97,7 +97,7 @@ def test_token_by_token_decoding_at_fixed_r_is_generate_with_that_cache(trained_
     x, _, _ = encode_answers(lines, model.config.block_size)
     out = generate(model, x[:, :1], max_new_tokens=10, num_steps=3, cache_lookup_strategy=strategy)
     idx, steps = out.ids, out.steps
-    kv_cache = KVCache(idx.size(1), strategy, model.config.n_layers_in_recurrent_block)
+    kv_cache = KVCache(idx.size(1), strategy, model.config.n_layers_in_recurrent_block, 3)
     logits, used = decode_token_by_token(model, idx[:, :-1], 3, "none", kv_cache=kv_cache)
     assert torch.equal(used, steps) and (used == 3).all()
     assert torch.equal(logits.argmax(-1), idx[:, 1:])

@@ -27,7 +27,7 @@ def test_kv_cache_matches_full_forward(tiny_config):
     r = 3
     with torch.no_grad():
         full, _ = model(idx, num_steps=r, init_scale=0)
-        cache = KVCache(idx.size(1), n_core_layers=c.n_layers_in_recurrent_block)
+        cache = KVCache(idx.size(1), n_core_layers=c.n_layers_in_recurrent_block, num_steps=r)
         s0 = torch.zeros(2, 6, c.n_embd)
         chunks = [feed(model, idx[:, :6], cache, r, s0=s0)[0]]  # the prompt at once
         for t in range(6, idx.size(1)):  # then one token at a time
@@ -66,7 +66,7 @@ def test_kv_cache_sharing(tiny_config):
     caches = {}
     with torch.no_grad():
         for strategy in ("full", f"compress-s{R}", f"compress-s{2 * R}"):
-            caches[strategy] = KVCache(T + 1, strategy, R)
+            caches[strategy] = KVCache(T + 1, strategy, R, r)
             feed(model, prompt, caches[strategy], r)
     outside = c.n_layers_in_prelude + c.n_layers_in_coda
     for strategy, core_entries in (("full", r * R), (f"compress-s{R}", R), (f"compress-s{2 * R}", 2 * R)):
@@ -78,22 +78,23 @@ def test_kv_cache_sharing(tiny_config):
     full_cache = caches["full"]
     for step in range(r - 1):
         for j in range(R):
-            k, v = full_cache.entries[("core", r - 1, j)]
-            full_cache.entries[("core", step, j)] = (k.clone(), v.clone())
+            for t, last in zip(full_cache.entries[("core", step, j)], full_cache.entries[("core", r - 1, j)]):
+                t.copy_(last)
     with torch.no_grad():
         shared, _, _ = feed(model, next_id, caches[f"compress-s{R}"], r)
         expected, _, _ = feed(model, next_id, full_cache, r)
     torch.testing.assert_close(shared, expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("strategy,R,num_steps", [("full", 2, None), ("full", 2, 5), ("compress-s2", 2, 5),
-                                                   ("compress-s3", 4, 5)])
+@pytest.mark.parametrize("strategy,R,num_steps", [("full", 2, 5), ("full", 3, 7), ("compress-s2", 2, None),
+                                                   ("compress-s3", 4, 5), ("compress-s9", 1, 5)])
 @pytest.mark.parametrize("how", ["every row", "some rows", "device position"])
 def test_repeat_step_is_the_skipped_steps_run_on_the_last_entries(strategy, R, num_steps, how):
     """A token that stopped after step 1 of 5 leaves, in every slot that steps 1 .. 4 write, what
     those steps would have left had each (step, layer), in order, stored its layer's step-1 keys
-    and values: at the token's position and in its rows only. The same for the one-copy-per-slot
-    path, for a cache that stores the steps together (num_steps), and at a device position."""
+    and values: at the token's position and in its rows only; at a host position (from copies
+    taken when the rows stopped, or from the cache) and at a device position. Also for a cache of
+    more steps than the token's 5, and for more shared slots than the steps use."""
     torch.manual_seed(0)
     S, last, B, pos = 5, 1, 3, 4
     cache = KVCache(6, strategy, R, num_steps)
@@ -115,9 +116,23 @@ def test_repeat_step_is_the_skipped_steps_run_on_the_last_entries(strategy, R, n
     else:
         cache.seq_len = pos
         entries = None if rows is None else cache.core_entries(last, 1, rows)  # as iterate_adaptive passes them
-        cache.repeat_step(entries, last, S, 1, rows)
+        cache.repeat_step(last, S, 1, rows, entries)
     assert cache.entries.keys() == expected.keys()
     assert all(torch.equal(cache.entries[key][i], expected[key][i]) for key in expected for i in (0, 1))
+
+
+def test_kv_cache_holds_the_steps_it_was_made_for(tiny_config):
+    """The core entries are allocated together, so their steps are counted up front: a full cache
+    without num_steps holds no core entry, and no cache holds a step past its num_steps (a clear
+    error, not an index out of range deep inside)."""
+    model = make_model(tiny_config).eval()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="a 'full' KVCache needs num_steps"):
+        feed(model, prompt, KVCache(4, "full", tiny_config.n_layers_in_recurrent_block), 2)
+    for strategy in ("full", "compress-s2"):
+        with pytest.raises(ValueError, match="core step 2 is past this KV cache's num_steps = 2"):
+            feed(model, prompt, KVCache(4, strategy, tiny_config.n_layers_in_recurrent_block, num_steps=2), 3)
+    assert KVCache(4).buffers(("prelude", 0), 1, 2, 4, torch.float32, "cpu")[0].shape == (1, 2, 4, 4)
 
 
 @pytest.mark.parametrize("strategy", ["compress-s0", "compress-4", "compress-s", "skip", "always-last-m4",
@@ -459,6 +474,9 @@ def test_diffusion_forcing_runs_its_rounds(tiny_config):
     stopped = generate(model, prompt, 10, num_steps=4, diffusion_forcing=True, inner_recurrence=2, stop_tokens=stop)
     first = 5 + out.ids[0, 5:].tolist().index(stop)
     assert torch.equal(stopped.ids, out.ids[:, :first + 1])
+    # rounds deeper than the prompt's steps: the cache holds those steps too
+    deep = generate(model, prompt, 4, num_steps=2, diffusion_forcing=True, inner_recurrence=6)
+    assert deep.ids.shape == (1, 9) and (deep.steps[0, 6:] % 6 == 0).all()
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

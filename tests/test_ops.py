@@ -284,12 +284,10 @@ def test_recurrent_steps_with_kv_cache(device, dtype, T, strategy):
     model = small_model(device, dtype)  # h = 96, 4 heads of 24
     h, R, steps, past = 96, len(model.core), 3, 5
     W, eps = model.adapter.weight, model.core[0].norm_1.eps
-    ref_cache = KVCache(16, strategy, R)
+    ref_cache = KVCache(16, strategy, R, steps)
     with torch.no_grad():
         feed(model, torch.randint(0, 17, (2, past), device=device), ref_cache, steps)
-        cache = KVCache(16, strategy, R)
-        cache.entries = {key: (k.clone(), v.clone()) for key, (k, v) in ref_cache.entries.items()}
-        cache.seq_len = past
+        cache = copy.deepcopy(ref_cache)  # (its core entries stay views of its own core)
         cos, sin = model.rope_cos[past:past + T], model.rope_sin[past:past + T]
         mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
         s, e = (torch.randn(2, T, h, device=device, dtype=dtype) for _ in range(2))

@@ -30,7 +30,7 @@ def run(model, corpus, sets, args):
         lowest = max_hops + 1 if name == "extrapolation" else 0
         for strategy in strategies:
             for r in r_values:
-                kv_cache = KVCache(x.size(1), strategy, R)
+                kv_cache = KVCache(x.size(1), strategy, R, r)
                 logits, _ = decode_token_by_token(model, x, r, "none", kv_cache=kv_cache)
                 results[name][strategy][r], overall[name][strategy][r] = answer_accuracy(logits, y, hops, lowest)
                 bytes_per_token[strategy][r] = kv_cache.nbytes() / (x.size(0) * kv_cache.seq_len)
