@@ -81,6 +81,7 @@ class KVCache:
         self.entries = {}
         self.core = None  # (2, n_core_slots, B, nh, max_len, hs): every core entry's keys and values
         self.indices = {}  # slot numbers as device index tensors, made once (see slot_index)
+        self.slot_keys = {}  # ("core", step, j) -> the key of its entry, as slot() found it
         self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
         self.embeddings = None  # (B, max_len, h) token embeddings, for token_shift
         self.tokens = None  # (B, max_len) bool, False at left padding; None while there is none
@@ -98,13 +99,20 @@ class KVCache:
         """The key of the entry that key is stored in: itself, or its shared core slot under compress-sN."""
         if key[0] != "core":
             return key
-        i = self.core_slot(*key[1:])  # (an error past num_steps, or without it under full)
-        return key if self.num_slots is None else ("core", i)
+        stored_in = self.slot_keys.get(key)  # (kept: under compress-sN the kernels ask R * r a launch)
+        if stored_in is None:
+            i = self.core_slot(*key[1:])  # (an error past num_steps, or without it under full)
+            stored_in = self.slot_keys[key] = key if self.num_slots is None else ("core", i)
+        return stored_in
 
     def buffers(self, key, batch, n_head, head_dim, dtype, device):
         """The (k, v) buffers (B, nh, max_len, hs) of key's entry, allocated (zeros) on first use."""
+        stored = self.entries.get(key)  # (first: the kernels ask for R * r entries every launch)
+        if stored is not None:
+            return stored
         key = self.slot(key)
-        if key not in self.entries:
+        stored = self.entries.get(key)
+        if stored is None:
             shape = (batch, n_head, self.max_len, head_dim)
             if key[0] == "core":
                 self.core = torch.zeros((2, self.n_core_slots, *shape), dtype=dtype, device=device)
@@ -117,7 +125,8 @@ class KVCache:
             else:
                 self.entries[key] = (torch.zeros(shape, dtype=dtype, device=device),
                                      torch.zeros(shape, dtype=dtype, device=device))
-        return self.entries[key]
+            stored = self.entries[key]
+        return stored
 
     def slot_index(self, slots):
         """slots (a tuple of slot numbers) as an index tensor on core's device, made once: a CUDA
