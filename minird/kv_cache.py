@@ -153,8 +153,8 @@ class KVCache:
     def core_entries(self, step, n_new, rows=None):
         """Copies of the core keys and values that the n_new tokens being added wrote at step, in
         rows ((B,) bool; None: every row): (2, R, rows, nh, n_new, hs), core layer by core layer."""
-        layers = self.slot_index(tuple(self.core_slot(step, j) for j in range(self.n_core_layers)))
-        entries = self.core[:, layers, :, :, self.seq_len:self.seq_len + n_new]  # (indexing copies)
+        slots = self.slot_index(tuple(self.core_slot(step, j) for j in range(self.n_core_layers)))
+        entries = self.core[:, slots, :, :, self.seq_len:self.seq_len + n_new]  # (indexing copies)
         return entries if rows is None else entries[:, :, rows]
 
     def repeated_slots(self, last_step, num_steps):
