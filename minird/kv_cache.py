@@ -81,6 +81,7 @@ class KVCache:
         self.entries = {}
         self.core = None  # (2, n_core_slots, B, nh, max_len, hs): every core entry's keys and values
         self.indices = {}  # slot numbers as device index tensors, made once (see slot_index)
+        self.repeat_plans = {}  # (last_step, num_steps) -> what repeat_step writes (see repeat_plan)
         self.slot_keys = {}  # ("core", step, j) -> the key of its entry, as slot() found it
         self.seq_len = 0  # tokens stored so far; sets the RoPE position of the next token
         self.embeddings = None  # (B, max_len, h) token embeddings, for token_shift
@@ -157,23 +158,22 @@ class KVCache:
         entries = self.core[:, slots, :, :, self.seq_len:self.seq_len + n_new]  # (indexing copies)
         return entries if rows is None else entries[:, :, rows]
 
-    def repeated_slots(self, last_step, num_steps):
-        """[(a slot, the core layer whose last_step entry ends up there)] for the slots that steps
-        last_step .. num_steps - 1 write, once each: under compress-sN steps share slots, and the
-        layer is the last one written there in step-after-step order (one write per slot: the
-        scatter of repeat_step writes each slot once)."""
-        latest = {}
-        for step in range(last_step, num_steps):
-            for j in range(self.n_core_layers):
-                latest[self.core_slot(step, j)] = j
-        return list(latest.items())
-
     def repeat_plan(self, last_step, num_steps):
-        """repeated_slots as index tensors: (the slots written, the core layer each takes, the slot
-        that layer's last_step entry is in)."""
-        targets, layers = zip(*self.repeated_slots(last_step, num_steps))
-        sources = tuple(self.core_slot(last_step, j) for j in layers)
-        return self.slot_index(targets), self.slot_index(layers), self.slot_index(sources)
+        """What repeat_step writes, as index tensors, worked out once per (last_step, num_steps):
+        (the slots that steps last_step .. num_steps - 1 write, once each; the core layer whose
+        last_step entry ends up in each; the slot that entry is in). Under compress-sN steps share
+        slots, and the layer is the last one written there in step-after-step order (the scatter
+        of repeat_step writes each slot once)."""
+        if (last_step, num_steps) not in self.repeat_plans:
+            latest = {}  # slot -> layer
+            for step in range(last_step, num_steps):
+                for j in range(self.n_core_layers):
+                    latest[self.core_slot(step, j)] = j
+            sources = tuple(self.core_slot(last_step, j) for j in latest.values())
+            self.repeat_plans[last_step, num_steps] = (self.slot_index(tuple(latest)),
+                                                       self.slot_index(tuple(latest.values())),
+                                                       self.slot_index(sources))
+        return self.repeat_plans[last_step, num_steps]
 
     def repeat_step(self, last_step, num_steps, n_new, rows=None, entries=None):
         """The n_new tokens being added, in rows ((B,) bool), all stopped after last_step (adaptive
